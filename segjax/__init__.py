@@ -1,0 +1,1 @@
+"""segjax: image segmentation with JAX and Flax NNX."""
