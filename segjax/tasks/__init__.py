@@ -1,0 +1,25 @@
+"""Task families. A task joins model, loss, metrics and data for one kind of prediction.
+
+The trainer never branches on an experiment: it asks the task (`segjax.tasks.<cfg.task>.Task`)
+for everything that differs. A task provides:
+
+- `cfg`: the config with data paths resolved (demo data substituted when none were given);
+- `class_names`, `best_metric`, `best_mode`;
+- `build_model(rngs)`: the NNX model for the config's precision;
+- `train_data()` -> (source, transform(entry, rng)) and `val_data()` -> (source, transform(entry));
+- `loss_and_sums(model, batch)` -> (loss, (sums, outputs)): runs inside jit; `sums` are additive
+  statistics, `outputs` what `visualize` draws;
+- `summarize(sums)` -> metrics dict; `visualize(batch, outputs, out_dir, tag)`;
+- `has_data(data_cfg)` (module function): whether real data paths were given.
+"""
+from __future__ import annotations
+
+import importlib
+
+
+def task_module(name: str):
+    return importlib.import_module(f"segjax.tasks.{name}")
+
+
+def build(cfg):
+    return task_module(cfg.task).Task(cfg)

@@ -1,0 +1,269 @@
+"""Typed experiment configs, experiment lookup, `a.b=value` overrides and CLI aliases.
+
+An experiment is a Python file whose `get_config()` returns a frozen `Config`. Built-in ones live
+in the `experiments` package; `--experiment path/to/file.py` loads a user's own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A bad experiment name, override key or value; the message names the valid choices."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    scheduler: Literal["cosine", "step", "exponential", "none"] = "cosine"
+    min_lr: float = 0.0  # floor of the cosine schedule
+    step_epochs: int = 10  # step scheduler: multiply by `gamma` every this many epochs
+    gamma: float = 0.1  # step and exponential (per epoch) decay factor
+    gradient_clip: float = 0.0  # max global gradient norm; 0 = off
+    gradient_accumulation: int = 1  # micro-batches per optimizer update
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 8  # global batch, split over every device of every process
+    eval_batch_size: int = 0  # 0 = batch_size
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"  # compute dtype; params, BN stats, loss stay f32
+    num_workers: int = 0  # grain worker processes; 0 = read in the training process
+    validate_every: int = 1  # epochs
+    save_every: int = 1  # epochs; the last epoch is always saved
+    log_every: int = 10  # steps between metric fetches (the only host syncs in an epoch)
+    num_visualizations: int = 4  # validation overlays written per validation
+    eval_at_start: bool = False  # validate the untrained model too, as a baseline
+    max_bad_record_ratio: float = 0.05  # stop when more records than this are unreadable
+    max_nonfinite_steps: int = 20  # stop after this many steps with a NaN/inf loss (skipped)
+    run_root: str = "runs"  # runs go to <run_root>/<experiment>/<timestamp>/
+    resume: str = ""  # run dir / checkpoint dir / "latest": continue exactly
+    resume_epochs: int = 0  # with resume: train this many epochs beyond the checkpoint
+    init_from: str = ""  # segjax checkpoint to load weights from (no optimizer, no data state)
+    test_only: bool = False  # only validate the checkpoint given by resume / init_from
+
+
+@dataclass(frozen=True)
+class Config:
+    experiment: str
+    task: str  # module in segjax.tasks that supplies model, loss, metrics and data
+    data: Any
+    model: Any
+    loss: Any
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Flags that users of the original PyTorch scripts know, mapped onto config fields. A flag is
+# offered only when its field exists in the chosen experiment's config.
+ALIASES = {
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "seed": "train.seed",
+    "precision": "train.precision",
+    "num_workers": "train.num_workers",
+    "validate_every": "train.validate_every",
+    "save_every": "train.save_every",
+    "checkpoint_dir": "train.run_root",
+    "resume_epochs": "train.resume_epochs",
+    "init_from": "train.init_from",
+    "test_only": "train.test_only",
+    "lr": "optim.lr",
+    "optimizer": "optim.optimizer",
+    "weight_decay": "optim.weight_decay",
+    "scheduler": "optim.scheduler",
+    "min_lr": "optim.min_lr",
+    "gradient_clip": "optim.gradient_clip",
+    "gradient_accumulation": "optim.gradient_accumulation",
+    "ce_weight": "loss.ce_weight",
+    "dice_weight": "loss.dice_weight",
+    "data_stats": "data.data_stats",
+    "train_ann": "data.train_ann",
+    "val_ann": "data.val_ann",
+    "train_img_dir": "data.train_img_dir",
+    "val_img_dir": "data.val_img_dir",
+}
+
+def builtin_experiments() -> list[str]:
+    import experiments
+
+    return sorted(p.stem for p in Path(experiments.__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+
+
+def experiment_module(name: str):
+    """The module of a built-in experiment, or of a user's experiment file."""
+    if name.endswith(".py"):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"experiment file {path} does not exist")
+        spec = importlib.util.spec_from_file_location(f"segjax_user_experiment_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        choices = builtin_experiments()
+        if name not in choices:
+            raise ConfigError(f"unknown experiment {name!r}; choose one of {choices} or pass a .py file")
+        module = importlib.import_module(f"experiments.{name}")
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"experiment {name!r} has no get_config()")
+    return module
+
+
+def load_experiment(name: str) -> Config:
+    """`name` is a built-in experiment or a path to a Python file with `get_config()`.
+
+    A file's config records the file's absolute path as its experiment, so a saved run can be
+    rebuilt from its checkpoint alone.
+    """
+    cfg = experiment_module(name).get_config()
+    if name.endswith(".py"):
+        cfg = dataclasses.replace(cfg, experiment=str(Path(name).resolve()))
+    return cfg
+
+
+def _parse_value(text: str, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if text not in choices:
+            raise ConfigError(f"{key}={text!r} is not valid; choose one of {list(choices)}")
+        return text
+    if origin in (types.UnionType, typing.Union):  # Optional[...]
+        if text.lower() in ("none", "null", ""):
+            return None
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _parse_value(text, inner[0], key)
+    if origin is tuple:
+        (item_type, *_) = typing.get_args(annotation)
+        parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
+        return tuple(_parse_value(p.strip(), item_type, key) for p in parts)
+    try:
+        if annotation is bool:
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return lowered in ("true", "1", "yes")
+        if annotation is int:
+            return int(text)
+        if annotation is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{key}={text!r} is not a valid {annotation.__name__}") from None
+    if annotation is str:
+        return text
+    raise ConfigError(f"{key} has type {annotation}, which cannot be set from the command line")
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def override(cfg: Any, key: str, text: str) -> Any:
+    """Returns `cfg` with the dotted field `key` set from its text form, checked against its type."""
+    head, _, rest = key.partition(".")
+    if not dataclasses.is_dataclass(cfg):
+        raise ConfigError(f"cannot set {key!r}: not a config section")
+    names = [f.name for f in dataclasses.fields(cfg)]
+    if head not in names:
+        raise ConfigError(f"unknown config key {head!r} in {key!r}; valid keys here: {names}")
+    current = getattr(cfg, head)
+    if rest:
+        return dataclasses.replace(cfg, **{head: override(current, rest, text)})
+    if dataclasses.is_dataclass(current):
+        raise ConfigError(f"{key!r} is a section; set one of its fields: {[f.name for f in dataclasses.fields(current)]}")
+    value = _parse_value(text, _field_types(cfg)[head], key)
+    return dataclasses.replace(cfg, **{head: value})
+
+
+def get_path(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def has_path(cfg: Any, key: str) -> bool:
+    try:
+        get_path(cfg, key)
+        return True
+    except AttributeError:
+        return False
+
+
+def field_type(cfg: Any, key: str) -> Any:
+    *parents, last = key.split(".")
+    for part in parents:
+        cfg = getattr(cfg, part)
+    return _field_types(cfg)[last]
+
+
+def validate(cfg: Config) -> Config:
+    """Checks values that a type alone does not; names the offending key."""
+    positive = ["train.epochs", "train.batch_size", "train.validate_every", "train.save_every", "train.log_every",
+                "optim.gradient_accumulation"]
+    for key in positive:
+        if get_path(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {get_path(cfg, key)}")
+    nonnegative = ["optim.lr", "optim.weight_decay", "optim.min_lr", "optim.gradient_clip", "train.num_workers",
+                   "train.eval_batch_size", "train.resume_epochs", "train.num_visualizations"]
+    for key in nonnegative:
+        if get_path(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {get_path(cfg, key)}")
+    if cfg.optim.lr == 0:
+        raise ConfigError("optim.lr must be > 0")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"optim.min_lr ({cfg.optim.min_lr}) must not exceed optim.lr ({cfg.optim.lr})")
+    if not 0 <= cfg.train.max_bad_record_ratio <= 1:
+        raise ConfigError("train.max_bad_record_ratio must be within [0, 1]")
+    if cfg.train.test_only and not (cfg.train.resume or cfg.train.init_from):
+        raise ConfigError("test_only needs a checkpoint: pass --resume PATH or --init_from PATH")
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def from_dict(saved: dict) -> Config:
+    """Rebuilds a saved config: the experiment's defaults with every saved value re-applied."""
+    cfg = load_experiment(saved["experiment"])
+    for key, value in flatten({k: v for k, v in saved.items() if k not in ("experiment", "task")}).items():
+        if has_path(cfg, key):
+            cfg = override(cfg, key, _text(value))
+    return cfg
+
+
+def to_json(cfg: Config) -> str:
+    return json.dumps(to_dict(cfg), indent=2)
+
+
+def save(cfg: Config, path: Path) -> None:
+    path.write_text(to_json(cfg) + "\n")

@@ -1,0 +1,69 @@
+"""Reading images robustly as RGB uint8 and letterboxing them."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# 16-bit and 32-bit integer greyscale modes; their values span 0..65535.
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class BadImage(Exception):
+    """An image that cannot be used: missing, unreadable, truncated or of the wrong size."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"{os.fspath(path)}: {reason}")
+        self.path = os.fspath(path)
+        self.reason = reason
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    """Convert any PIL mode to HxWx3 uint8, dropping alpha rather than compositing it."""
+    if img.mode in _WIDE_GREY_MODES:
+        # PIL's own I;16 -> L conversion clips at 255 (a white image); rescale the full range.
+        grey = np.asarray(img).astype(np.float64)
+        grey = np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if img.mode == "P":
+        # Via RGBA so a palette transparency entry is understood, then the alpha is dropped.
+        img = img.convert("RGBA")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def read_rgb(path: str | os.PathLike, exif_transpose: bool = True) -> np.ndarray:
+    """Read an image fully as HxWx3 uint8 RGB; raise BadImage if that is not possible."""
+    if not os.path.isfile(path):
+        raise BadImage(path, "file not found")
+    try:
+        with Image.open(path) as img:
+            # A full decode now, so a truncated file fails here and not half-way into training.
+            img.load()
+            if exif_transpose:
+                img = ImageOps.exif_transpose(img)
+            pixels = _to_rgb(img)
+    # PIL reports corrupt files through many exception types (OSError, ValueError, SyntaxError, ...).
+    except Exception as err:  # noqa: BLE001
+        raise BadImage(path, f"cannot decode ({type(err).__name__}: {err})") from err
+    if pixels.ndim != 3 or pixels.shape[0] == 0 or pixels.shape[1] == 0:
+        raise BadImage(path, f"empty image of shape {pixels.shape}")
+    return np.ascontiguousarray(pixels)
+
+
+def resize_letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """Resize the long side to `size` (bilinear) and zero-pad bottom/right to size x size.
+
+    Returns the padded uint8 image and the scale applied to pixel coordinates.
+    """
+    height, width = image.shape[:2]
+    scale = size / max(height, width)
+    new_w = min(size, max(1, round(width * scale)))
+    new_h = min(size, max(1, round(height * scale)))
+    if (new_h, new_w) != (height, width):
+        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    out[:new_h, :new_w] = image
+    return out, scale

@@ -1,0 +1,84 @@
+"""grain input pipelines shared by every task.
+
+A task hands over a random-access source and a per-record transform; this module shards records
+over processes, shuffles per epoch, applies seeded random transforms, batches and prefetches.
+Every example gets a `valid` flag: evaluation pads its last batch with invalid examples so
+nothing is dropped and shapes never change (no recompiles).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, Callable, Iterator
+
+import grain
+import jax
+import numpy as np
+
+
+def _parse_absl_flags() -> None:
+    # grain's worker processes read absl flags; they must be parsed once in the parent.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(sys.argv[:1])
+
+
+class _MarkValid:
+    def __call__(self, record: dict) -> dict:
+        return {**record, "valid": np.bool_(True)}
+
+
+def _read_options() -> grain.ReadOptions:
+    # Small buffers: the default (16 threads, 500 elements per worker) is slow and memory-hungry.
+    return grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
+
+
+def _prefetch(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+    if num_workers <= 0:
+        return ds
+    _parse_absl_flags()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
+
+
+def train_dataset(source, transform: Callable[[Any, np.random.Generator], dict], *, local_batch: int, seed: int,
+                  num_workers: int) -> grain.IterDataset:
+    """An endless stream of local batches: reshuffled every epoch, transforms seeded per record.
+
+    The iterator's state (saved in checkpoints) fixes the next batch and its augmentations.
+    """
+    ds = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
+    ds = ds.shuffle(seed=seed).repeat(None).random_map(transform, seed=seed + 1).map(_MarkValid())
+    ds = ds.to_iter_dataset(_read_options()).batch(local_batch, drop_remainder=True)
+    return _prefetch(ds, num_workers)
+
+
+def num_eval_batches(num_records: int, global_batch: int) -> int:
+    """Batches every process runs; equal on all processes, as the sharded step needs."""
+    per_process = math.ceil(num_records / jax.process_count())
+    return math.ceil(per_process / (global_batch // jax.process_count()))
+
+
+def eval_batches(source, transform: Callable[[Any], dict], *, local_batch: int, global_batch: int,
+                 num_workers: int) -> Iterator[dict]:
+    """Each record once, in order; the tail is padded with zero examples whose `valid` is False."""
+    count = num_eval_batches(len(source), global_batch)
+    ds = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
+    ds = ds.map(transform).map(_MarkValid()).to_iter_dataset(_read_options())
+    ds = _prefetch(ds.batch(local_batch, drop_remainder=False), num_workers)
+    template = None
+    it = iter(ds)
+    for _ in range(count):
+        batch = next(it, None)
+        if batch is not None:
+            template = batch
+        yield _pad(batch, template, local_batch)
+
+
+def _pad(batch: dict | None, template: dict, size: int) -> dict:
+    def pad(x, like):
+        x = np.zeros((0, *like.shape[1:]), like.dtype) if x is None else x
+        fill = np.zeros((size - len(x), *like.shape[1:]), like.dtype)
+        return np.concatenate([x, fill]) if len(fill) else x
+
+    return {k: pad(None if batch is None else batch[k], v) for k, v in template.items()}

@@ -1,0 +1,96 @@
+"""Jitted training and evaluation steps over split NNX state.
+
+A task supplies `loss_and_sums(model, batch) -> (loss, sums)` where `sums` is a dict of
+additive statistics (counts, summed losses, confusion matrices). The same function serves
+training (with gradients) and evaluation, so train and val metrics mean the same thing.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+LossFn = Callable[[nnx.Module, dict], tuple[jnp.ndarray, dict]]
+
+
+def make_optimizer(cfg, steps_per_epoch: int, epochs: int) -> tuple[optax.GradientTransformation, Callable]:
+    """optax chain from an OptimConfig; returns it and the learning-rate schedule (per update).
+
+    The schedule spans `epochs`; step and exponential decay count epochs as PyTorch's
+    StepLR / ExponentialLR stepped once per epoch.
+    """
+    updates_per_epoch = max(steps_per_epoch // cfg.gradient_accumulation, 1)
+    total = updates_per_epoch * epochs
+    if cfg.scheduler == "cosine":
+        schedule = optax.cosine_decay_schedule(cfg.lr, max(total, 1), alpha=cfg.min_lr / cfg.lr)
+    elif cfg.scheduler == "step":
+        schedule = optax.exponential_decay(cfg.lr, cfg.step_epochs * updates_per_epoch, cfg.gamma, staircase=True)
+    elif cfg.scheduler == "exponential":
+        schedule = optax.exponential_decay(cfg.lr, updates_per_epoch, cfg.gamma, staircase=True)
+    else:
+        schedule = optax.constant_schedule(cfg.lr)
+    if cfg.optimizer == "sgd":
+        tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                         optax.sgd(schedule, momentum=cfg.momentum))
+    elif cfg.optimizer == "adam":  # L2 in the gradient, as torch.optim.Adam's weight_decay
+        tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(schedule))
+    else:
+        tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+    if cfg.gradient_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.gradient_clip), tx)
+    if cfg.gradient_accumulation > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=cfg.gradient_accumulation)
+    return tx, schedule
+
+
+def _select(pred: jnp.ndarray, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def make_train_step(model_def, opt_def, loss_fn: LossFn, state_shardings):
+    """(model_state, opt_state, batch) -> (model_state, opt_state, sums), buffers donated.
+
+    A step whose loss is NaN/inf leaves every state unchanged (BatchNorm statistics included)
+    and is counted in `sums["nonfinite_steps"]`, so one bad batch cannot poison the run.
+    """
+
+    def step(model_state, opt_state, batch):
+        model = nnx.merge(model_def, model_state)
+        optimizer = nnx.merge(opt_def, opt_state)
+        (loss, (sums, _)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+        optimizer.update(model, grads)
+        finite = jnp.isfinite(loss)
+        new_model, new_opt = _select(finite, (nnx.state(model), nnx.state(optimizer)), (model_state, opt_state))
+        sums = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), sums)
+        sums["nonfinite_steps"] = (~finite).astype(jnp.int32)
+        return new_model, new_opt, sums
+
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=(*state_shardings, None))
+
+
+def make_eval_step(eval_model_def, loss_fn: LossFn):
+    def step(model_state, batch):
+        return loss_fn(nnx.merge(eval_model_def, model_state), batch)[1]
+
+    return jax.jit(step)
+
+
+@jax.jit
+def add_sums(total: dict, sums: dict) -> dict:
+    return jax.tree.map(jnp.add, total, sums)
+
+
+class HostSums:
+    """Accumulates device sums on the host in 64-bit, so long epochs cannot overflow int32."""
+
+    def __init__(self):
+        self.total = None
+
+    def add(self, device_sums: dict) -> None:
+        host = jax.tree.map(lambda x: np.asarray(x, np.float64 if np.issubdtype(np.asarray(x).dtype, np.floating)
+                                                 else np.int64), jax.device_get(device_sums))
+        self.total = host if self.total is None else jax.tree.map(np.add, self.total, host)

@@ -1,0 +1,112 @@
+"""python -m segjax.evaluate CHECKPOINT: validate checkpoints and compare them in a table.
+
+CHECKPOINT is a run directory, its `checkpoints/` directory (the best step is used) or one step
+directory. `--multiple "GLOB"` validates every match and names the best by the experiment's metric.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import sys
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from segjax import config as config_lib
+from segjax import tasks
+from segjax.engine import mesh as mesh_lib
+from segjax.engine import steps as steps_lib
+from segjax.engine.checkpoint import Checkpointer, find_checkpoint_dir
+from segjax.engine.runlog import setup_console_logging
+from segjax.train import validate_model
+
+
+def evaluate_checkpoint(path: str | Path, *, visualize: bool = True, overrides: list[str] = ()) -> dict:
+    """Validates one checkpoint with the config saved in it; returns its metrics and identity."""
+    ckpt_dir, step = find_checkpoint_dir(path)
+    checkpointer = Checkpointer(ckpt_dir, read_only=True)
+    step = step if step is not None else (checkpointer.best_step() or checkpointer.latest_step())
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
+    cfg = config_lib.from_dict(checkpointer.meta(step)["config"])
+    for item in overrides:
+        key, _, value = item.partition("=")
+        cfg = config_lib.override(cfg, key.strip(), value.strip())
+    task = tasks.build(cfg)
+    mesh = mesh_lib.make_data_mesh()
+    model = task.build_model(nnx.Rngs(0))
+    model.eval()
+    eval_def, state = nnx.split(model)
+    state = jax.device_put(state, mesh_lib.replicated(mesh))
+    state, _, meta = checkpointer.restore(step, state)
+    checkpointer.close()
+    eval_step = steps_lib.make_eval_step(eval_def, task.loss_and_sums)
+    out_dir = ckpt_dir.parent / "visualizations" / f"eval_step{step}"
+
+    def draw(batch, outputs):
+        if visualize and jax.process_index() == 0:
+            task.visualize(batch, jax.device_get(outputs), out_dir, f"step{step}", cfg.train.num_visualizations)
+
+    metrics = validate_model(task, eval_step, state, mesh, cfg, on_first_batch=draw)
+    return {"checkpoint": str(ckpt_dir / str(step)), "epoch": meta["epoch"], "step": step,
+            "best_metric": task.best_metric, "best_mode": task.best_mode, "metrics": metrics}
+
+
+def expand(pattern: str) -> list[str]:
+    """Glob matches that hold checkpoints; half-written orbax temporaries are never matched."""
+    matches = sorted(glob.glob(pattern))
+    return [m for m in matches if ".orbax-checkpoint-tmp" not in m and Path(m).is_dir()]
+
+
+def comparison_table(results: list[dict]) -> str:
+    metric, mode = results[0]["best_metric"], results[0]["best_mode"]
+    values = [r["metrics"][metric] for r in results]
+    finite = [v for v in values if not math.isnan(v)]
+    best = (max if mode == "max" else min)(finite) if finite else None
+    columns = ["loss", "ce", "dice", "miou"] + sorted(k for k in results[0]["metrics"] if k.startswith("iou_"))
+    columns = [c for c in columns if c in results[0]["metrics"]]
+    header = f"{'checkpoint':<60} {'epoch':>5} " + " ".join(f"{c:>14}" for c in columns)
+    lines = [header, "-" * len(header)]
+    for r, value in zip(results, values):
+        mark = " *" if best is not None and value == best else ""
+        cells = " ".join(f"{r['metrics'][c]:14.4f}" for c in columns)
+        lines.append(f"{r['checkpoint'][-60:]:<60} {r['epoch']:>5} {cells}{mark}")
+    if best is not None:
+        winner = results[values.index(best)]["checkpoint"]
+        lines.append(f"* best by {metric} ({mode}): {winner}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_console_logging()
+    parser = argparse.ArgumentParser(prog="python -m segjax.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", nargs="?", help="run dir, checkpoints dir or step dir")
+    parser.add_argument("--multiple", metavar="GLOB", help="validate every match, e.g. 'runs/roi_human/*'")
+    parser.add_argument("--no_visualization", action="store_true", help="skip overlay images")
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a saved config field, e.g. --set data.val_ann=other.json")
+    args = parser.parse_args(argv)
+    if bool(args.checkpoint) == bool(args.multiple):
+        parser.error("give either CHECKPOINT or --multiple GLOB")
+    paths = expand(args.multiple) if args.multiple else [args.checkpoint]
+    if not paths:
+        print(f"error: no checkpoint matches {args.multiple!r}", file=sys.stderr)
+        return 2
+    try:
+        results = [evaluate_checkpoint(p, visualize=not args.no_visualization, overrides=args.set) for p in paths]
+    except (FileNotFoundError, config_lib.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(comparison_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Shared convolutional bricks for segjax models (NHWC).
+
+Every brick takes `dtype` (the compute dtype) and `param_dtype` (the storage dtype of
+parameters and norm statistics), so mixed precision is `dtype=jnp.bfloat16,
+param_dtype=jnp.float32` everywhere.
+"""
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# PyTorch's defaults (eps 1e-5, BatchNorm momentum 0.1 == Flax momentum 0.9), so that imported
+# PyTorch weights and statistics behave as they did in PyTorch.
+NORM_EPSILON = 1e-5
+BATCH_NORM_MOMENTUM = 0.9
+
+NORMS = ("batch", "layer", "group", None)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_normalize(images: jax.Array) -> jax.Array:
+    """RGB images in [0, 1] (NHWC) to ImageNet-standardised float32."""
+    images = images.astype(jnp.float32)
+    return (images - jnp.array(IMAGENET_MEAN)) / jnp.array(IMAGENET_STD)
+
+
+def make_norm(
+    norm: str | None,
+    num_features: int,
+    *,
+    num_groups: int,
+    dtype: jnp.dtype,
+    param_dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Module | None:
+    """Normalisation over the channel axis of NHWC: "batch", "layer", "group" or None.
+
+    "layer" normalises each pixel over its channels (PyTorch LayerNorm on channels-last);
+    "batch" starts in training mode (`model.eval()` switches it to running statistics).
+    """
+    if norm == "batch":
+        return nnx.BatchNorm(
+            num_features, momentum=BATCH_NORM_MOMENTUM, epsilon=NORM_EPSILON,
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if norm == "layer":
+        return nnx.LayerNorm(
+            num_features, epsilon=NORM_EPSILON, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if norm == "group":
+        return nnx.GroupNorm(
+            num_features, num_groups=num_groups, epsilon=NORM_EPSILON,
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if norm is None:
+        return None
+    raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
+
+
+class ConvNormAct(nnx.Module):
+    """k×k convolution, then an optional norm, then an optional activation.
+
+    Padding is `kernel_size // 2` on every side, as in PyTorch, so a stride-s convolution
+    gives ceil(H / s) rows and PyTorch weights see the same pixel alignment.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int = 3,
+        strides: int = 1,
+        *,
+        norm: str | None = "batch",
+        act: Callable[[jax.Array], jax.Array] | None = nnx.relu,
+        use_bias: bool = True,
+        num_groups: int = 32,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.conv = nnx.Conv(
+            in_features, out_features, (kernel_size, kernel_size), strides,
+            padding=kernel_size // 2, use_bias=use_bias,
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = make_norm(
+            norm, out_features, num_groups=num_groups,
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.act = act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.conv(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.act is not None:
+            x = self.act(x)
+        return x
+
+
+class ResidualBlock(nnx.Module):
+    """Basic residual block at constant width: relu(x + norm(conv(relu(norm(conv(x)))))).
+
+    Both convolutions are 3×3, stride 1.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        norm: str | None = "batch",
+        use_bias: bool = True,
+        num_groups: int = 32,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kwargs = dict(norm=norm, use_bias=use_bias, num_groups=num_groups,
+                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.conv1 = ConvNormAct(channels, channels, 3, **kwargs)
+        self.conv2 = ConvNormAct(channels, channels, 3, act=None, **kwargs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nnx.relu(x + self.conv2(self.conv1(x)))

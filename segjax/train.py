@@ -1,0 +1,344 @@
+"""python -m segjax.train --experiment NAME: one trainer for every experiment.
+
+Read top to bottom: command line -> config -> task -> mesh -> data -> model and optimizer ->
+checkpoint/resume -> steps -> epochs (train, validate, visualise, save).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import logging
+import math
+import sys
+import time
+import typing
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from segjax import config as config_lib
+from segjax import tasks
+from segjax.data import pipeline
+from segjax.engine import mesh as mesh_lib
+from segjax.engine import steps as steps_lib
+from segjax.engine.checkpoint import Checkpointer, find_checkpoint_dir
+from segjax.engine.runlog import RunLog, setup_console_logging
+
+log = logging.getLogger("segjax")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def _alias_type(cfg, key):
+    annotation = config_lib.field_type(cfg, key)
+    if typing.get_origin(annotation) is typing.Literal:
+        return dict(choices=list(typing.get_args(annotation)))
+    if annotation is bool:
+        return dict(nargs="?", const="true", metavar="BOOL")
+    return dict(metavar=getattr(annotation, "__name__", "VALUE").upper())
+
+
+def build_parser(cfg: config_lib.Config | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m segjax.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", required=True,
+                        help=f"built-in name ({', '.join(config_lib.builtin_experiments())}) or a .py file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field, e.g. --set optim.lr=3e-4 (repeatable)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_OR_CHECKPOINT",
+                        help="continue a run exactly; no value = the latest run of this experiment")
+    parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+    group = parser.add_argument_group("multi-host (see README)")
+    group.add_argument("--coordinator_address", help="host:port of process 0; omit to auto-detect SLURM/MPI")
+    group.add_argument("--num_processes", type=int)
+    group.add_argument("--process_id", type=int)
+    if cfg is not None:
+        aliases = parser.add_argument_group("aliases of config fields (flags of the original scripts)")
+        for flag, key in config_lib.ALIASES.items():
+            if config_lib.has_path(cfg, key):
+                aliases.add_argument(f"--{flag}", dest=f"alias:{key}", help=f"= --set {key}=...",
+                                     **_alias_type(cfg, key))
+    return parser
+
+
+def _apply(cfg: config_lib.Config, overrides: list[tuple[str, str]]) -> config_lib.Config:
+    for key, value in overrides:
+        cfg = config_lib.override(cfg, key, value)
+    return cfg
+
+
+def _overrides(args: argparse.Namespace) -> list[tuple[str, str]]:
+    pairs = [(k.removeprefix("alias:"), str(v)) for k, v in vars(args).items() if k.startswith("alias:") and v is not None]
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise config_lib.ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def latest_run(run_root: str, experiment: str) -> Path:
+    runs = sorted(p.parent for p in (Path(run_root) / experiment).glob("*/checkpoints") if any(p.iterdir()))
+    if not runs:
+        raise FileNotFoundError(f"--resume: no run with checkpoints under {Path(run_root) / experiment}")
+    return runs[-1]
+
+
+def resolve_config(argv: list[str]) -> tuple[config_lib.Config, argparse.Namespace]:
+    """The config a command line asks for: experiment (or the resumed run's saved config),
+    demo overrides when no data is given, then aliases and --set, validated."""
+    pre, _ = build_parser(None).parse_known_args(argv)
+    base = config_lib.load_experiment(pre.experiment)
+    args = build_parser(base).parse_args(argv)
+    overrides = _overrides(args)
+    if args.resume is not None:
+        run_root = dict(overrides).get("train.run_root", base.train.run_root)
+        path = latest_run(run_root, base.experiment) if args.resume == "latest" else Path(args.resume)
+        ckpt_dir, step = find_checkpoint_dir(path)
+        checkpointer = Checkpointer(ckpt_dir, read_only=True)
+        step = step if step is not None else checkpointer.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_dir}")
+        cfg = config_lib.from_dict(checkpointer.meta(step)["config"])
+        checkpointer.close()
+        cfg = _apply(cfg, overrides + [("train.resume", str(ckpt_dir))])
+    else:
+        cfg = _apply(base, overrides)
+        module = tasks.task_module(cfg.task)
+        if not module.has_data(cfg.data):
+            demo = getattr(config_lib.experiment_module(pre.experiment), "DEMO_OVERRIDES", {})
+            cfg = _apply(_apply(base, list(demo.items())), overrides)
+    return config_lib.validate(cfg), args
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def _new_run_dir(cfg: config_lib.Config) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    # Every process must write into the same directory: process 0's clock decides.
+    stamp_code = np.int64(int(stamp.replace("-", "")))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        stamp_code = multihost_utils.broadcast_one_to_all(stamp_code)
+    stamp = f"{int(stamp_code) // 1000000:08d}-{int(stamp_code) % 1000000:06d}"
+    run_dir = Path(cfg.train.run_root) / Path(cfg.experiment).stem / stamp
+    suffix = 1
+    while run_dir.exists() and jax.process_count() == 1:
+        run_dir = run_dir.with_name(f"{stamp}-{suffix}")
+        suffix += 1
+    return run_dir.absolute()
+
+
+def _log_metrics(runlog: RunLog, step: int, epoch: int, split: str, metrics: dict) -> None:
+    shown = {k: v for k, v in metrics.items() if isinstance(v, float) and k in ("loss", "ce", "dice", "miou", "lr")}
+    log.info("epoch %d step %d %s: %s", epoch, step, split, " ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    runlog.write(step, epoch, split, metrics)
+
+
+def validate_model(task, eval_step, model_state, mesh, cfg, *, on_first_batch=None) -> dict:
+    """Runs the validation set once; returns the task's metrics. Sums stay on device per batch
+    and are flushed to 64-bit host totals every `log_every` batches."""
+    source, transform = task.val_data()
+    global_batch = cfg.train.eval_batch_size or cfg.train.batch_size
+    local_batch = mesh_lib.check_batch_size(global_batch, mesh)
+    totals = steps_lib.HostSums()
+    pending = None
+    batches = pipeline.eval_batches(source, transform, local_batch=local_batch, global_batch=global_batch,
+                                    num_workers=cfg.train.num_workers)
+    for i, batch in enumerate(batches):
+        sums, outputs = eval_step(model_state, mesh_lib.to_global_batch(batch, mesh))
+        if i == 0 and on_first_batch is not None:
+            on_first_batch(batch, outputs)
+        pending = sums if pending is None else steps_lib.add_sums(pending, sums)
+        if (i + 1) % cfg.train.log_every == 0:
+            totals.add(pending)
+            pending = None
+    if pending is not None:
+        totals.add(pending)
+    return task.summarize(totals.total)
+
+
+def _check_health(totals: dict, cfg: config_lib.Config) -> None:
+    bad, records = int(totals["bad_records"]), int(totals["records"])
+    if records and bad / records > cfg.train.max_bad_record_ratio:
+        raise RuntimeError(f"{bad} of {records} training records were unreadable, above "
+                           f"train.max_bad_record_ratio={cfg.train.max_bad_record_ratio}; see train.log")
+    if int(totals["nonfinite_steps"]) > cfg.train.max_nonfinite_steps:
+        raise RuntimeError(f"{int(totals['nonfinite_steps'])} steps had a NaN/inf loss (skipped), above "
+                           f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}; lower the lr or check the data")
+
+
+def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None = None) -> dict:
+    """Trains and validates as `cfg` says; returns a summary (run dir, first and last metrics).
+
+    `stop_after_epoch` ends the run early as a crash would (tests use it to check resume).
+    """
+    setup_console_logging()
+
+    # --- Task, mesh, run directory -----------------------------------------------------------
+    task = tasks.build(cfg)
+    cfg = task.cfg  # data paths resolved (demo data written if none were given)
+    mesh = mesh_lib.make_data_mesh()
+    local_batch = mesh_lib.check_batch_size(cfg.train.batch_size, mesh)
+    resume_dir = Path(cfg.train.resume) if cfg.train.resume else None
+    run_dir = resume_dir.parent if resume_dir and not cfg.train.test_only else _new_run_dir(cfg)
+    runlog = RunLog(run_dir)
+    if runlog.enabled:
+        config_lib.save(cfg, run_dir / "config.json")
+    log.info("run directory %s; %d device(s), %d process(es)", run_dir, jax.device_count(), jax.process_count())
+
+    # --- Data ------------------------------------------------------------------------------------
+    train_source, train_transform = task.train_data()
+    steps_per_epoch = len(train_source) // cfg.train.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_source)} training records is less than one batch of {cfg.train.batch_size}")
+    train_iter = iter(pipeline.train_dataset(train_source, train_transform, local_batch=local_batch,
+                                             seed=cfg.train.seed, num_workers=cfg.train.num_workers))
+
+    # --- Model and optimizer (replicated over the mesh) --------------------------------------------
+    start_epoch, step = 0, 0
+    total_epochs = cfg.train.epochs
+    checkpointer = Checkpointer(run_dir / "checkpoints" if not resume_dir else resume_dir,
+                                best_metric=task.best_metric, best_mode=task.best_mode,
+                                read_only=cfg.train.test_only)
+    resume_step = checkpointer.latest_step() if resume_dir else None
+    if resume_dir and cfg.train.resume_epochs:
+        total_epochs = checkpointer.meta(resume_step)["epoch"] + cfg.train.resume_epochs
+    model = task.build_model(nnx.Rngs(cfg.train.seed))
+    tx, schedule = steps_lib.make_optimizer(cfg.optim, steps_per_epoch, total_epochs)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    model_def, model_state = nnx.split(model)
+    opt_def, opt_state = nnx.split(optimizer)
+    model.eval()
+    eval_def = nnx.graphdef(model)  # BatchNorm running averages, dropout off
+    replicated = mesh_lib.replicated(mesh)
+    model_state, opt_state = jax.device_put((model_state, opt_state), replicated)
+    state_shardings = jax.tree.map(lambda _: replicated, (model_state, opt_state))
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    log.info("model: %s parameters, compute %s", f"{n_params:,}", cfg.train.precision)
+    del model, optimizer
+
+    # --- Resume or initialise from a checkpoint ------------------------------------------------------
+    if resume_dir:
+        model_state, restored_opt, meta = checkpointer.restore(
+            resume_step, model_state, None if cfg.train.test_only else opt_state,
+            None if cfg.train.test_only else train_iter)
+        opt_state = restored_opt if restored_opt is not None else opt_state
+        start_epoch, step = meta["epoch"], meta["step"]
+        log.info("resumed from %s step %d (epoch %d done)", resume_dir, resume_step, start_epoch)
+    elif cfg.train.init_from:
+        source = cfg.train.init_from.removeprefix("segjax:")
+        ckpt_dir, init_step = find_checkpoint_dir(source)
+        init_ckpt = Checkpointer(ckpt_dir, read_only=True)
+        init_step = init_step if init_step is not None else init_ckpt.best_step() or init_ckpt.latest_step()
+        model_state, _, _ = init_ckpt.restore(init_step, model_state)
+        init_ckpt.close()
+        log.info("initialised weights from %s step %d", ckpt_dir, init_step)
+
+    # --- Steps -------------------------------------------------------------------------------------
+    train_step = steps_lib.make_train_step(model_def, opt_def, task.loss_and_sums, state_shardings)
+    eval_step = steps_lib.make_eval_step(eval_def, task.loss_and_sums)
+    vis_dir = run_dir / "visualizations"
+
+    def validate(epoch: int) -> dict:
+        def draw(batch, outputs):
+            if runlog.enabled and cfg.train.num_visualizations:
+                task.visualize(batch, jax.device_get(outputs), vis_dir, f"epoch{epoch:03d}",
+                               cfg.train.num_visualizations)
+
+        metrics = validate_model(task, eval_step, model_state, mesh, cfg, on_first_batch=draw)
+        _log_metrics(runlog, step, epoch, "val", metrics)
+        return metrics
+
+    summary = {"run_dir": str(run_dir), "first_val": None, "last_val": None, "epochs": total_epochs}
+    if cfg.train.test_only:
+        summary["first_val"] = summary["last_val"] = validate(start_epoch)
+        runlog.close()
+        checkpointer.close()
+        return summary
+    if cfg.train.eval_at_start and start_epoch == 0:
+        summary["first_val"] = validate(0)
+
+    # --- Epochs ----------------------------------------------------------------------------------------
+    health = steps_lib.HostSums()
+    last_epoch = min(total_epochs, stop_after_epoch or total_epochs)
+    for epoch in range(start_epoch + 1, last_epoch + 1):
+        epoch_totals = steps_lib.HostSums()
+        pending = None
+        started = time.perf_counter()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{total_epochs}", dynamic_ncols=True,
+                   disable=not runlog.enabled, leave=False)
+        for i in range(steps_per_epoch):
+            batch = mesh_lib.to_global_batch(next(train_iter), mesh)
+            model_state, opt_state, sums = train_step(model_state, opt_state, batch)
+            step += 1
+            pending = sums if pending is None else steps_lib.add_sums(pending, sums)
+            bar.update()
+            if (i + 1) % cfg.train.log_every == 0 or i + 1 == steps_per_epoch:
+                interval = steps_lib.HostSums()
+                interval.add(pending)  # the only host sync of the epoch, every log_every steps
+                pending = None
+                epoch_totals.add(interval.total)
+                health.add({k: interval.total[k] for k in ("records", "bad_records", "nonfinite_steps")})
+                _check_health(health.total, cfg)
+                interval_metrics = task.summarize(interval.total)
+                bar.set_postfix(loss=f"{interval_metrics['loss']:.4f}", miou=f"{interval_metrics['miou']:.3f}")
+        bar.close()
+        train_metrics = task.summarize(epoch_totals.total)
+        train_metrics["lr"] = float(schedule(max(step // cfg.optim.gradient_accumulation - 1, 0)))
+        train_metrics["bad_records"] = int(epoch_totals.total["bad_records"])
+        train_metrics["nonfinite_steps"] = int(epoch_totals.total["nonfinite_steps"])
+        train_metrics["images_per_second"] = steps_per_epoch * cfg.train.batch_size / (time.perf_counter() - started)
+        _log_metrics(runlog, step, epoch, "train", train_metrics)
+
+        val_metrics = None
+        if epoch % cfg.train.validate_every == 0 or epoch == total_epochs:
+            val_metrics = validate(epoch)
+            summary["first_val"] = summary["first_val"] or val_metrics
+            summary["last_val"] = val_metrics
+        if epoch % cfg.train.save_every == 0 or epoch == total_epochs or epoch == last_epoch:
+            meta = {"config": config_lib.to_dict(cfg), "epoch": epoch, "step": step,
+                    "val": val_metrics, "train": train_metrics}
+            best = {task.best_metric: val_metrics[task.best_metric]} if val_metrics else None
+            checkpointer.save(step, model_state, opt_state, train_iter, meta, best)
+    checkpointer.wait()
+    summary["best_step"] = checkpointer.best_step()
+    summary["model_state"] = model_state
+    checkpointer.close()
+    runlog.close()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_console_logging()
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, args = resolve_config(argv)
+    except (config_lib.ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    mesh_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    if args.print_config:
+        print(config_lib.to_json(cfg))
+        return 0
+    summary = train_and_evaluate(cfg)
+    first, last = summary["first_val"], summary["last_val"]
+    if last:
+        keys = [k for k in last if k.startswith("iou_") or k in ("miou", "loss")]
+        print("\nvalidation     " + " ".join(f"{k:>16}" for k in keys))
+        if first is not last and first is not None:
+            print("first          " + " ".join(f"{first[k]:16.4f}" for k in keys))
+        print("final          " + " ".join(f"{last[k]:16.4f}" for k in keys))
+    print(f"run directory: {summary['run_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
