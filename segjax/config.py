@@ -9,6 +9,8 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -106,12 +108,22 @@ def builtin_experiments() -> list[str]:
 def experiment_module(name: str):
     """The module of a built-in experiment, or of a user's experiment file."""
     if name.endswith(".py"):
-        path = Path(name)
+        path = Path(name).resolve()
         if not path.is_file():
-            raise ConfigError(f"experiment file {path} does not exist")
-        spec = importlib.util.spec_from_file_location(f"segjax_user_experiment_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+            raise ConfigError(f"experiment file {name} does not exist")
+        module_name = f"segjax_user_experiment_{path.stem}"
+        module = sys.modules.get(module_name)
+        # Imported once per file, as a module is: a config rebuilt by from_dict has the same classes.
+        if module is None or module.__file__ != str(path):
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            # Registered before running: dataclasses and get_type_hints look the module up by name.
+            sys.modules[module_name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[module_name]
+                raise
     else:
         choices = builtin_experiments()
         if name not in choices:
@@ -159,7 +171,10 @@ def _parse_value(text: str, annotation: Any, key: str) -> Any:
         if annotation is int:
             return int(text)
         if annotation is float:
-            return float(text)
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
     except ValueError:
         raise ConfigError(f"{key}={text!r} is not a valid {annotation.__name__}") from None
     if annotation is str:
@@ -173,15 +188,20 @@ def _field_types(obj: Any) -> dict[str, Any]:
 
 def override(cfg: Any, key: str, text: str) -> Any:
     """Returns `cfg` with the dotted field `key` set from its text form, checked against its type."""
-    head, _, rest = key.partition(".")
+    return _override(cfg, key.split("."), 0, text)
+
+
+def _override(cfg: Any, parts: list[str], depth: int, text: str) -> Any:
+    """Sets `parts[depth:]` inside `cfg`, the section at `parts[:depth]`; errors name the whole key."""
+    key, head = ".".join(parts), parts[depth]
     if not dataclasses.is_dataclass(cfg):
-        raise ConfigError(f"cannot set {key!r}: not a config section")
+        raise ConfigError(f"cannot set {key!r}: {'.'.join(parts[:depth])!r} is a value, not a config section")
     names = [f.name for f in dataclasses.fields(cfg)]
     if head not in names:
         raise ConfigError(f"unknown config key {head!r} in {key!r}; valid keys here: {names}")
     current = getattr(cfg, head)
-    if rest:
-        return dataclasses.replace(cfg, **{head: override(current, rest, text)})
+    if depth + 1 < len(parts):
+        return dataclasses.replace(cfg, **{head: _override(current, parts, depth + 1, text)})
     if dataclasses.is_dataclass(current):
         raise ConfigError(f"{key!r} is a section; set one of its fields: {[f.name for f in dataclasses.fields(current)]}")
     value = _parse_value(text, _field_types(cfg)[head], key)
@@ -212,17 +232,20 @@ def field_type(cfg: Any, key: str) -> Any:
 def validate(cfg: Config) -> Config:
     """Checks values that a type alone does not; names the offending key."""
     positive = ["train.epochs", "train.batch_size", "train.validate_every", "train.save_every", "train.log_every",
-                "optim.gradient_accumulation"]
+                "optim.gradient_accumulation", "optim.step_epochs"]
     for key in positive:
         if get_path(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {get_path(cfg, key)}")
-    nonnegative = ["optim.lr", "optim.weight_decay", "optim.min_lr", "optim.gradient_clip", "train.num_workers",
-                   "train.eval_batch_size", "train.resume_epochs", "train.num_visualizations"]
+    nonnegative = ["optim.lr", "optim.weight_decay", "optim.momentum", "optim.min_lr", "optim.gradient_clip",
+                   "train.num_workers", "train.eval_batch_size", "train.resume_epochs", "train.num_visualizations",
+                   "train.max_nonfinite_steps"]
     for key in nonnegative:
         if get_path(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {get_path(cfg, key)}")
     if cfg.optim.lr == 0:
         raise ConfigError("optim.lr must be > 0")
+    if cfg.optim.gamma <= 0:
+        raise ConfigError(f"optim.gamma must be > 0, got {cfg.optim.gamma}")
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr ({cfg.optim.min_lr}) must not exceed optim.lr ({cfg.optim.lr})")
     if not 0 <= cfg.train.max_bad_record_ratio <= 1:

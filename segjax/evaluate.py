@@ -37,11 +37,12 @@ def evaluate_checkpoint(path: str | Path, *, visualize: bool = True, overrides: 
         cfg = config_lib.override(cfg, key.strip(), value.strip())
     task = tasks.build(cfg)
     mesh = mesh_lib.make_data_mesh()
-    model = task.build_model(nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))  # shapes only: weights come from the checkpoint
     model.eval()
-    eval_def, state = nnx.split(model)
-    state = jax.device_put(state, mesh_lib.replicated(mesh))
-    state, _, meta = checkpointer.restore(step, state)
+    eval_def, abstract_state = nnx.split(model)
+    replicated = mesh_lib.replicated(mesh)
+    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state)
+    state, _, meta = checkpointer.restore(step, abstract_state)
     checkpointer.close()
     eval_step = steps_lib.make_eval_step(eval_def, task.loss_and_sums)
     out_dir = ckpt_dir.parent / "visualizations" / f"eval_step{step}"

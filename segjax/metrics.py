@@ -14,9 +14,11 @@ def confusion_matrix(target: jnp.ndarray, pred: jnp.ndarray, num_classes: int, v
                      ignore_index: int | None = None) -> jnp.ndarray:
     """int32 [num_classes, num_classes], rows = target, columns = prediction.
 
-    Pixels where `valid` is False, or whose target equals `ignore_index`, are not counted.
+    Pixels where `valid` is False, or whose target equals `ignore_index` or lies outside
+    [0, num_classes), are not counted. Predictions outside that range count as the nearest class.
     """
     keep = jnp.ones(target.shape, bool) if valid is None else jnp.broadcast_to(valid, target.shape)
+    keep &= (target >= 0) & (target < num_classes)
     if ignore_index is not None:
         keep &= target != ignore_index
     target = jnp.clip(target.astype(jnp.int32), 0, num_classes - 1)

@@ -211,7 +211,8 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
     resume_step = checkpointer.latest_step() if resume_dir else None
     if resume_dir and cfg.train.resume_epochs:
         total_epochs = checkpointer.meta(resume_step)["epoch"] + cfg.train.resume_epochs
-    model = task.build_model(nnx.Rngs(cfg.train.seed))
+    # Created inside jit: eager initialisers compile one small program per layer shape.
+    model = nnx.jit(lambda: task.build_model(nnx.Rngs(cfg.train.seed)))()
     tx, schedule = steps_lib.make_optimizer(cfg.optim, steps_per_epoch, total_epochs)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     model_def, model_state = nnx.split(model)

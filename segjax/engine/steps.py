@@ -47,8 +47,9 @@ def make_optimizer(cfg, steps_per_epoch: int, epochs: int) -> tuple[optax.Gradie
     return tx, schedule
 
 
-def _select(pred: jnp.ndarray, new, old):
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+def _keep_old_unless(ok: jnp.ndarray, new, old_leaves: list):
+    leaves, treedef = jax.tree.flatten(new)
+    return jax.tree.unflatten(treedef, [jnp.where(ok, a, b) for a, b in zip(leaves, old_leaves)])
 
 
 def make_train_step(model_def, opt_def, loss_fn: LossFn, state_shardings):
@@ -59,12 +60,14 @@ def make_train_step(model_def, opt_def, loss_fn: LossFn, state_shardings):
     """
 
     def step(model_state, opt_state, batch):
+        # Leaves taken before merging: the merged modules update their variables in place.
+        old_leaves = jax.tree.leaves((model_state, opt_state))
         model = nnx.merge(model_def, model_state)
         optimizer = nnx.merge(opt_def, opt_state)
         (loss, (sums, _)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
         optimizer.update(model, grads)
         finite = jnp.isfinite(loss)
-        new_model, new_opt = _select(finite, (nnx.state(model), nnx.state(optimizer)), (model_state, opt_state))
+        new_model, new_opt = _keep_old_unless(finite, (nnx.state(model), nnx.state(optimizer)), old_leaves)
         sums = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), sums)
         sums["nonfinite_steps"] = (~finite).astype(jnp.int32)
         return new_model, new_opt, sums

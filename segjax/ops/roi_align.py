@@ -64,7 +64,8 @@ def _axis_weights(start, bin_size, out_len: int, in_len: int, grid, max_grid: in
     points = jnp.arange(max_grid, dtype=dtype)[None, None, :]
     grid = jnp.reshape(jnp.asarray(grid, dtype), (-1, 1, 1))
     divisor = jnp.maximum(grid, 1.0)
-    # Same expression order as the reference kernels, so sample positions round identically.
+    # Same expression order as the reference kernels. XLA still contracts multiply-adds into
+    # FMAs (as nvcc does for their CUDA builds), so positions may be an ulp apart.
     pos = start + bins * bin_size + _exact_div((points + 0.5) * bin_size, divisor)
     keep = (pos >= -1) & (pos <= in_len) & (points < grid)
     pos = jnp.clip(pos, 0.0, in_len - 1.0)
@@ -129,7 +130,9 @@ def roi_align(
 
     Returns:
         ``[K, out_h, out_w, C]`` in ``features.dtype``; computed in at least float32.
-        Differentiable with respect to ``features``.
+        Differentiable with respect to ``features``. Against onnxruntime's float32 kernel the
+        error is about ulp(sample position) times the feature slope: 3e-6 on a 12x10 map and
+        4e-5 on an 80x80 one for unit-variance features, from XLA's FMA contraction.
     """
     if features.ndim != 4:
         raise ValueError(f"features must be [N, H, W, C], got shape {features.shape}")

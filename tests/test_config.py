@@ -1,0 +1,283 @@
+"""Experiment lookup, `a.b=value` overrides, CLI aliases and demo overrides, validation and the
+saved-config round trip. Nothing here trains: the command line stops at the resolved config."""
+import json
+import sys
+
+import pytest
+
+from experiments import roi_human
+from segjax import config as config_lib
+from segjax.config import ConfigError, from_dict, load_experiment, override, to_dict, validate
+from segjax.train import main, resolve_config
+
+USER_EXPERIMENT = """
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from experiments.roi_human import DEMO_OVERRIDES, get_config as roi_human_config
+
+
+@dataclass(frozen=True)
+class MyLoss:
+    mode: Literal["focal", "plain"] = "plain"
+    ce_weight: float = 1.0
+    dice_weight: float = 0.25
+
+
+def get_config():
+    cfg = roi_human_config()
+    return dataclasses.replace(cfg, loss=MyLoss(), train=dataclasses.replace(cfg.train, epochs=7))
+"""
+
+DATA_FLAGS = ["--train_ann", "a.json", "--val_ann", "b.json", "--train_img_dir", "imgs/a", "--val_img_dir", "imgs/b"]
+
+
+@pytest.fixture
+def base():
+    return load_experiment("roi_human")
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    path = tmp_path / "mine.py"
+    path.write_text(USER_EXPERIMENT)
+    return path
+
+
+# --- experiment lookup -------------------------------------------------------------------------
+def test_builtin_experiment_loads_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in [m for m in sys.modules if m == "experiments" or m.startswith("experiments.")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert "roi_human" in config_lib.builtin_experiments()
+    cfg = load_experiment("roi_human")
+    assert (cfg.experiment, cfg.task, cfg.train.epochs) == ("roi_human", "roi_instance", 30)
+
+
+def test_unknown_experiment_lists_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown experiment 'nope'; choose one of \[.*'roi_human'.*\]"):
+        load_experiment("nope")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_experiment("no/such/file.py")
+
+
+def test_user_experiment_file(user_file, monkeypatch):
+    monkeypatch.chdir(user_file.parent)
+    cfg = load_experiment("mine.py")
+    assert cfg.experiment == str(user_file)
+    assert (cfg.train.epochs, cfg.loss.mode, cfg.optim.lr) == (7, "plain", 1e-4)
+    # The file's own dataclass (string annotations, a Literal) is overridable like a built-in one.
+    assert override(cfg, "loss.mode", "focal").loss.mode == "focal"
+    with pytest.raises(ConfigError, match=r"loss.mode='other'.*\['focal', 'plain'\]"):
+        override(cfg, "loss.mode", "other")
+    # The recorded absolute path rebuilds the config from any working directory.
+    monkeypatch.chdir("/")
+    assert from_dict(json.loads(config_lib.to_json(cfg))) == cfg
+
+
+def test_user_experiment_from_the_command_line(user_file):
+    cfg, _ = resolve_config(["--experiment", str(user_file), "--ce_weight", "3", "--set", "loss.mode=focal"])
+    assert cfg.experiment == str(user_file)
+    assert (cfg.loss.ce_weight, cfg.loss.dice_weight, cfg.loss.mode, cfg.train.epochs) == (3.0, 0.25, "focal", 8)
+    assert cfg.data.image_size == 128  # the DEMO_OVERRIDES the file exposes
+
+
+# --- overrides -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("key, text, expected", [
+    ("train.epochs", "5", 5),
+    ("train.batch_size", " 12 ", 12),
+    ("optim.lr", "3e-4", 3e-4),
+    ("optim.gradient_clip", "2", 2.0),
+    ("train.eval_at_start", "true", True),
+    ("train.eval_at_start", "YES", True),
+    ("train.eval_at_start", "1", True),
+    ("data.flip", "false", False),
+    ("data.flip", "no", False),
+    ("data.flip", "0", False),
+    ("data.train_ann", "/data/train.json", "/data/train.json"),
+    ("model.backbone_widths", "8, 16,32", (8, 16, 32)),
+    ("model.backbone_blocks", "(2,3)", (2, 3)),
+    ("model.backbone_blocks", "4", (4,)),
+    ("optim.optimizer", "sgd", "sgd"),
+    ("train.precision", "bf16", "bf16"),
+])
+def test_override_parses_by_type(base, key, text, expected):
+    cfg = override(base, key, text)
+    value = config_lib.get_path(cfg, key)
+    assert value == expected
+    assert type(value) is type(expected)
+    before, after = config_lib.flatten(to_dict(base)), config_lib.flatten(to_dict(cfg))
+    assert {k for k in before if before[k] != after[k]} <= {key}
+
+
+@pytest.mark.parametrize("key, text, message", [
+    ("train.epochs", "abc", r"train.epochs='abc' is not a valid int"),
+    ("train.epochs", "1.5", r"train.epochs='1.5' is not a valid int"),
+    ("optim.lr", "fast", r"optim.lr='fast' is not a valid float"),
+    ("optim.lr", "nan", r"optim.lr='nan' is not a valid float"),
+    ("optim.gradient_clip", "inf", r"optim.gradient_clip='inf' is not a valid float"),
+    ("data.flip", "maybe", r"data.flip='maybe' is not a valid bool"),
+    ("model.backbone_widths", "8,x", r"model.backbone_widths='x' is not a valid int"),
+    ("optim.optimizer", "lion", r"optim.optimizer='lion' is not valid; choose one of \['adamw', 'adam', 'sgd'\]"),
+    ("optim.scheduler", "linear", r"choose one of \['cosine', 'step', 'exponential', 'none'\]"),
+    ("nope.x", "1", r"unknown config key 'nope' in 'nope.x'; valid keys here: "
+                    r"\['experiment', 'task', 'data', 'model', 'loss', 'optim', 'train'\]"),
+    ("train.epochz", "3", r"unknown config key 'epochz' in 'train.epochz'; valid keys here: \[.*'epochs'.*\]"),
+    ("data.image_sise", "3", r"'data.image_sise'; valid keys here: \[.*'image_size'.*\]"),
+    ("train", "3", r"'train' is a section; set one of its fields: \['epochs', 'batch_size'"),
+    ("model", "x", r"'model' is a section; set one of its fields: \['feature_channels'"),
+    ("train.epochs.x", "1", r"cannot set 'train.epochs.x': 'train.epochs' is a value"),
+])
+def test_override_rejects_bad_keys_and_values(base, key, text, message):
+    with pytest.raises(ConfigError, match=message):
+        override(base, key, text)
+
+
+# --- command line --------------------------------------------------------------------------------
+def test_aliases_and_set_land_on_their_fields():
+    cfg, _ = resolve_config([
+        "--experiment", "roi_human", "--epochs", "3", "--lr", "0.01", "--optimizer", "sgd", "--scheduler", "step",
+        "--gradient_clip", "1.0", "--batch_size", "4", "--precision", "bf16", "--ce_weight", "2",
+        "--dice_weight", "0.5", "--seed", "5", "--num_workers", "2", "--weight_decay", "0.001", "--min_lr", "0.001",
+        "--gradient_accumulation", "2", "--validate_every", "3", "--save_every", "4", "--checkpoint_dir", "out",
+        "--init_from", "ckpt", "--test_only", "--resume_epochs", "6", "--data_stats", "stats.json",
+        "--set", "model.head_width=48", "--set", "optim.gamma=0.5", *DATA_FLAGS,
+    ])
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.seed, cfg.train.precision) == (3, 4, 5, "bf16")
+    assert (cfg.train.num_workers, cfg.train.validate_every, cfg.train.save_every) == (2, 3, 4)
+    assert (cfg.train.run_root, cfg.train.init_from, cfg.train.test_only, cfg.train.resume_epochs) == (
+        "out", "ckpt", True, 6)
+    assert (cfg.optim.lr, cfg.optim.optimizer, cfg.optim.scheduler, cfg.optim.gradient_clip) == (0.01, "sgd", "step", 1.0)
+    assert (cfg.optim.weight_decay, cfg.optim.min_lr, cfg.optim.gradient_accumulation, cfg.optim.gamma) == (
+        0.001, 0.001, 2, 0.5)
+    assert (cfg.loss.ce_weight, cfg.loss.dice_weight) == (2.0, 0.5)
+    assert cfg.model.head_width == 48
+    assert (cfg.data.train_ann, cfg.data.val_ann, cfg.data.train_img_dir, cfg.data.val_img_dir, cfg.data.data_stats) == (
+        "a.json", "b.json", "imgs/a", "imgs/b", "stats.json")
+
+
+def test_demo_overrides_apply_without_data_and_flags_win():
+    cfg, _ = resolve_config(["--experiment", "roi_human"])
+    expected = load_experiment("roi_human")
+    for key, text in roi_human.DEMO_OVERRIDES.items():
+        expected = override(expected, key, text)
+    assert cfg == expected
+    assert (cfg.data.image_size, cfg.train.epochs, cfg.optim.lr) == (128, 8, 3e-3)
+
+    cfg, _ = resolve_config(["--experiment", "roi_human", "--epochs", "2", "--set", "data.image_size=96",
+                             "--lr", "0.02"])
+    assert (cfg.data.image_size, cfg.train.epochs, cfg.optim.lr) == (96, 2, 0.02)
+    assert cfg.model.feature_channels == 64  # the other demo overrides still apply
+
+
+def test_demo_overrides_do_not_apply_with_data_paths():
+    cfg, _ = resolve_config(["--experiment", "roi_human", *DATA_FLAGS])
+    assert (cfg.data.image_size, cfg.train.epochs, cfg.model.feature_channels, cfg.optim.lr) == (640, 30, 1024, 1e-4)
+    # One path is enough to count as real data (the task then asks for the rest).
+    cfg, _ = resolve_config(["--experiment", "roi_human", "--set", "data.train_ann=a.json"])
+    assert cfg.data.image_size == 640
+
+
+def test_print_config(capsys):
+    assert main(["--experiment", "roi_human", "--print_config", "--epochs", "3", "--set", "model.head_width=40"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["train"]["epochs"], printed["model"]["head_width"], printed["data"]["image_size"]) == (3, 40, 128)
+    assert from_dict(printed) == resolve_config(["--experiment", "roi_human", "--epochs", "3",
+                                                 "--set", "model.head_width=40"])[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "train.epochs must be >= 1, got 0"),
+    (["--epochs", "abc"], "train.epochs='abc' is not a valid int"),
+    (["--batch_size", "-2"], "train.batch_size must be >= 1, got -2"),
+    (["--lr", "-1"], "optim.lr must be >= 0, got -1.0"),
+    (["--lr", "0"], "optim.lr must be > 0"),
+    (["--lr", "nan"], "optim.lr='nan' is not a valid float"),
+    (["--set", "nope.x=1"], "unknown config key 'nope' in 'nope.x'"),
+    (["--set", "train.epochs"], "--set expects KEY=VALUE, got 'train.epochs'"),
+    (["--set", "train=3"], "'train' is a section"),
+    (["--set", "optim.optimizer=lion"], "choose one of ['adamw', 'adam', 'sgd']"),
+    (["--test_only"], "test_only needs a checkpoint"),
+    (["--min_lr", "1"], "optim.min_lr (1.0) must not exceed optim.lr (0.003)"),
+])
+def test_bad_command_lines_exit_2_with_a_message(capsys, argv, message):
+    assert main(["--experiment", "roi_human", "--print_config", *argv]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert captured.out == ""
+
+
+def test_unknown_experiment_on_the_command_line(capsys):
+    assert main(["--experiment", "nope", "--print_config"]) == 2
+    assert "unknown experiment 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, choices", [
+    ("--optimizer", "foo", "'adamw', 'adam', 'sgd'"),
+    ("--scheduler", "linear", "'cosine', 'step', 'exponential', 'none'"),
+    ("--precision", "fp16", "'fp32', 'bf16'"),
+])
+def test_bad_choices_are_argparse_errors(capsys, flag, value, choices):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--experiment", "roi_human", "--print_config", flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{flag}: invalid choice: '{value}'" in err
+    assert choices in err
+
+
+# --- validation and round trip -------------------------------------------------------------------
+@pytest.mark.parametrize("key, text, message", [
+    ("train.epochs", "0", "train.epochs must be >= 1"),
+    ("train.batch_size", "0", "train.batch_size must be >= 1"),
+    ("train.validate_every", "0", "train.validate_every must be >= 1"),
+    ("train.save_every", "0", "train.save_every must be >= 1"),
+    ("train.log_every", "0", "train.log_every must be >= 1"),
+    ("optim.gradient_accumulation", "0", "optim.gradient_accumulation must be >= 1"),
+    ("optim.step_epochs", "0", "optim.step_epochs must be >= 1"),
+    ("optim.lr", "0", "optim.lr must be > 0"),
+    ("optim.weight_decay", "-0.1", "optim.weight_decay must be >= 0"),
+    ("optim.momentum", "-0.5", "optim.momentum must be >= 0"),
+    ("optim.gradient_clip", "-1", "optim.gradient_clip must be >= 0"),
+    ("optim.gamma", "0", "optim.gamma must be > 0"),
+    ("optim.min_lr", "0.5", r"optim.min_lr \(0.5\) must not exceed optim.lr \(0.0001\)"),
+    ("train.num_workers", "-1", "train.num_workers must be >= 0"),
+    ("train.eval_batch_size", "-1", "train.eval_batch_size must be >= 0"),
+    ("train.resume_epochs", "-1", "train.resume_epochs must be >= 0"),
+    ("train.num_visualizations", "-1", "train.num_visualizations must be >= 0"),
+    ("train.max_nonfinite_steps", "-1", "train.max_nonfinite_steps must be >= 0"),
+    ("train.max_bad_record_ratio", "1.5", r"train.max_bad_record_ratio must be within \[0, 1\]"),
+    ("train.max_bad_record_ratio", "-0.1", r"train.max_bad_record_ratio must be within \[0, 1\]"),
+    ("train.test_only", "true", "test_only needs a checkpoint"),
+])
+def test_validate_rejects(base, key, text, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(override(base, key, text))
+
+
+def test_validate_accepts(base):
+    assert validate(base) is base
+    assert validate(override(override(base, "train.test_only", "true"), "train.init_from", "ckpt")).train.test_only
+    assert validate(override(override(base, "train.test_only", "true"), "train.resume", "runs/x")).train.test_only
+    assert validate(override(base, "optim.min_lr", "1e-4")).optim.min_lr == 1e-4  # equal to lr is fine
+
+
+def test_round_trip(base):
+    cfg = base
+    for key, text in [("model.backbone_widths", "8,24,40"), ("model.backbone_blocks", "3"), ("data.flip", "false"),
+                      ("train.eval_at_start", "true"), ("optim.lr", "0.000123456789"), ("optim.optimizer", "sgd"),
+                      ("data.train_ann", "/data/with, comma.json"), ("train.precision", "bf16"),
+                      ("loss.ce_weight", "2.5")]:
+        cfg = override(cfg, key, text)
+    assert cfg.model.backbone_blocks == (3,)
+    assert from_dict(to_dict(cfg)) == cfg
+    assert from_dict(json.loads(config_lib.to_json(cfg))) == cfg  # tuples saved as JSON lists
+    assert from_dict(to_dict(base)) == base
+
+
+def test_save_writes_the_json(base, tmp_path):
+    config_lib.save(base, tmp_path / "config.json")
+    assert from_dict(json.loads((tmp_path / "config.json").read_text())) == base

@@ -1,0 +1,232 @@
+"""The trainer end to end on a tiny roi_human config: run directory, exact resume, checkpoints,
+multi-device parity, NaN and unreadable-record handling, evaluation, the ONNX extractor path."""
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from segjax import evaluate
+from segjax.data.demo import write_coco_person_demo
+from segjax.engine import steps as steps_lib
+from segjax.train import resolve_config, train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--set", "data.image_size=64", "--set", "data.max_rois=2", "--set", "model.feature_channels=16",
+    "--set", "model.backbone_widths=8,8,16", "--set", "model.backbone_blocks=1,1,1",
+    "--set", "model.head_width=8", "--set", "model.head_fine_width=8", "--set", "train.log_every=2",
+    "--set", "train.num_visualizations=2", "--set", "train.max_bad_record_ratio=0.5",
+    "--batch_size", "4", "--num_workers", "0", "--lr", "3e-3",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    """A small demo set in the real COCO layout, with one truncated JPEG among the training images."""
+    root = tmp_path_factory.mktemp("coco")
+    paths = write_coco_person_demo(root, num_train=10, num_val=6, image_size=(64, 64))
+    first = sorted(Path(paths["train_img_dir"]).glob("*.jpg"))[0]
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+    return paths
+
+
+def tiny_argv(data: dict, run_root: Path, *extra: str) -> list[str]:
+    flags = [f"--{k}={v}" for k, v in data.items()]
+    return ["--experiment", "roi_human", *flags, *TINY, "--checkpoint_dir", str(run_root), *extra]
+
+
+def run(argv: list[str], **kwargs) -> dict:
+    cfg, _ = resolve_config(argv)
+    return train_and_evaluate(cfg, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory) -> dict:
+    return run(tiny_argv(data, tmp_path_factory.mktemp("runs"), "--epochs", "2"))
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_contents(straight):
+    run_dir = Path(straight["run_dir"])
+    assert run_dir.parent.name == "roi_human"
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["data"]["image_size"] == 64 and saved["train"]["epochs"] == 2
+    assert "epoch 2" in (run_dir / "train.log").read_text()
+    records = read_metrics(run_dir)
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    assert [r["epoch"] for r in train] == [1, 2] and [r["epoch"] for r in val] == [1, 2]
+    for r in records:
+        assert {"step", "epoch", "split", "loss", "ce", "dice", "miou", "iou_this_person"} <= r.keys()
+    assert all("lr" in r for r in train) and train[1]["lr"] < train[0]["lr"]  # cosine decays
+    assert sum(r["bad_records"] for r in train) >= 1  # the truncated JPEG was counted, not fatal
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert list((run_dir / "visualizations").glob("epoch002_*.png"))
+
+
+def test_resume_is_exact(straight, data, tmp_path):
+    interrupted = run(tiny_argv(data, tmp_path, "--epochs", "2"), stop_after_epoch=1)
+    assert interrupted["last_val"] is not None
+    resumed = run(["--experiment", "roi_human", "--resume", interrupted["run_dir"]])
+    assert resumed["run_dir"] == interrupted["run_dir"]
+    for a, b in zip(jax.tree.leaves(straight["model_state"]), jax.tree.leaves(resumed["model_state"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+    for key in ("loss", "miou", "iou_this_person"):
+        assert abs(straight["last_val"][key] - resumed["last_val"][key]) <= 1e-6
+    # One metrics file holds both halves: epochs 1 and 2 once each for train.
+    assert [r["epoch"] for r in read_metrics(resumed["run_dir"]) if r["split"] == "train"] == [1, 2]
+
+
+def test_resume_skips_half_written_checkpoint_and_extends(straight, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(straight["run_dir"], run_dir)
+    ckpts = run_dir / "checkpoints"
+    latest = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    # What a save killed midway leaves behind: orbax's temporary directory, partly written.
+    partial = ckpts / f"{latest + 5}.orbax-checkpoint-tmp"
+    shutil.copytree(ckpts / str(latest), partial)
+    for f in list(partial.rglob("*"))[:3]:
+        if f.is_file():
+            f.write_bytes(b"")
+    resumed = run(["--experiment", "roi_human", "--resume", str(run_dir), "--resume_epochs", "1"])
+    assert resumed["epochs"] == 3
+    epochs = [r["epoch"] for r in read_metrics(run_dir) if r["split"] == "train"]
+    assert epochs == [1, 2, 3]
+    assert max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) > latest
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    from segjax.train import main
+
+    assert main(["--experiment", "roi_human", "--resume", str(tmp_path)]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_evaluate_table_and_json(straight, capsys):
+    run_dir = straight["run_dir"]
+    assert evaluate.main([run_dir, "--json", "--no_visualization"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    best_val = max(r["miou"] for r in read_metrics(run_dir) if r["split"] == "val")
+    assert abs(result["metrics"]["miou"] - best_val) < 1e-6  # the best checkpoint was evaluated
+    pattern = str(Path(run_dir) / "checkpoints" / "*")
+    assert evaluate.main(["--multiple", pattern]) == 0
+    table = capsys.readouterr().out
+    assert "iou_this_person" in table and "* best by miou" in table
+    rows = [line for line in table.splitlines() if "/checkpoints/" in line and not line.startswith("* best")]
+    assert len(rows) == len(evaluate.expand(pattern)) >= 1
+
+
+def test_test_only_validates_without_training(straight, data, tmp_path):
+    out = run(tiny_argv(data, tmp_path, "--test_only", "--init_from", straight["run_dir"]))
+    assert out["last_val"]["rois"] > 0
+    assert not list(Path(out["run_dir"]).glob("checkpoints/*"))
+
+
+def test_unreadable_records_above_ratio_stop_the_run(data, tmp_path):
+    with pytest.raises(RuntimeError, match="unreadable"):
+        run(tiny_argv(data, tmp_path, "--epochs", "1", "--set", "train.max_bad_record_ratio=0"))
+
+
+def test_nan_loss_is_skipped_then_stops(data, tmp_path):
+    cfg, _ = resolve_config(tiny_argv(data, tmp_path, "--epochs", "1", "--set", "train.max_nonfinite_steps=1"))
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, ce_weight=float("nan")))  # the CLI refuses nan
+    with pytest.raises(RuntimeError, match="NaN/inf loss"):
+        train_and_evaluate(cfg)
+
+
+def test_train_step_leaves_state_unchanged_on_nan():
+    class Net(nnx.Module):
+        def __init__(self):
+            self.linear = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+            self.norm = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.norm(self.linear(x))
+
+    def loss_fn(model, batch):
+        loss = (model(batch["x"]) ** 2).mean()
+        return loss, ({"loss": loss}, {})
+
+    model = Net()
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    model_def, model_state = nnx.split(model)
+    opt_def, opt_state = nnx.split(optimizer)
+    step = steps_lib.make_train_step(model_def, opt_def, loss_fn, (None, None))
+    before = jax.tree.map(np.asarray, model_state)
+    bad = {"x": jnp.array([[1.0, jnp.nan, 0.0], [0.0, 1.0, 2.0]])}
+    model_state, opt_state, sums = step(model_state, opt_state, bad)
+    assert int(sums["nonfinite_steps"]) == 1 and float(sums["loss"]) == 0.0
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(model_state)):
+        np.testing.assert_array_equal(a, np.asarray(b))  # params and BatchNorm statistics
+    model_state, opt_state, sums = step(model_state, opt_state, {"x": jnp.array([[1.0, 2.0, 3.0], [0.0, 1.0, -1.0]])})
+    assert int(sums["nonfinite_steps"]) == 0
+    assert not np.array_equal(before["linear"]["kernel"], np.asarray(model_state["linear"]["kernel"]))
+
+
+PARITY_SCRIPT = """
+import json, sys
+import jax
+jax.config.update("jax_disable_most_optimizations", True)
+from segjax.train import resolve_config, train_and_evaluate
+cfg, _ = resolve_config(json.loads(sys.argv[1]))
+out = train_and_evaluate(cfg)
+print("RESULT", json.dumps({"devices": jax.device_count(), "val": out["last_val"]["loss"],
+      "params": [float(abs(x).sum()) for x in jax.tree.leaves(out["model_state"])]}))
+"""
+
+
+@pytest.mark.parametrize("devices", [4])
+def test_four_devices_match_one(data, tmp_path, devices):
+    results = {}
+    for count in (1, devices):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}",
+               "PYTHONPATH": str(ROOT)}
+        # SGD: Adam's first update is ~lr*sign(g), which turns reduction-order noise in near-zero
+        # gradients into lr-sized differences; SGD's update is linear in the gradient.
+        argv = tiny_argv(data, tmp_path / str(count), "--epochs", "1", "--set", "train.eval_batch_size=4",
+                         "--optimizer", "sgd", "--lr", "0.05")
+        proc = subprocess.run([sys.executable, "-c", PARITY_SCRIPT, json.dumps(argv)], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+        results[count] = json.loads(line.removeprefix("RESULT "))
+    assert results[devices]["devices"] == devices
+    assert abs(results[1]["val"] - results[devices]["val"]) < 1e-5
+    np.testing.assert_allclose(results[1]["params"], results[devices]["params"], rtol=1e-5)
+
+
+def test_onnx_extractor_features_are_cached(data, tmp_path):
+    jax2onnx = pytest.importorskip("jax2onnx")
+
+    class Extractor(nnx.Module):  # N×3×64×64 in [0, 1] -> N×16×8×8, like a YOLO neck at stride 8
+        def __init__(self):
+            self.conv = nnx.Conv(3, 16, (8, 8), strides=8, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return jnp.transpose(self.conv(jnp.transpose(x, (0, 2, 3, 1))), (0, 3, 1, 2))
+
+    onnx_path = tmp_path / "extractor.onnx"
+    jax2onnx.to_onnx(Extractor(), [("B", 3, 64, 64)], return_mode="file", output_path=str(onnx_path))
+    cache = tmp_path / "cache"
+    out = run(tiny_argv(data, tmp_path, "--epochs", "2", "--set", f"data.extractor_onnx={onnx_path}",
+                        "--set", f"data.feature_cache_dir={cache}"))
+    cached = list(cache.glob("*.npy"))
+    # One entry per readable image, train and val; the truncated JPEG gets none.
+    readable = len(list(Path(data["train_img_dir"]).glob("*.jpg"))) - 1 + len(list(Path(data["val_img_dir"]).glob("*.jpg")))
+    assert 0 < len(cached) <= readable
+    assert np.load(cached[0]).shape == (8, 8, 16)
+    assert np.isfinite(out["last_val"]["loss"])
