@@ -45,7 +45,9 @@ def _alias_type(cfg, key):
 
 
 def build_parser(cfg: config_lib.Config | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m segjax.train", description=__doc__.splitlines()[0])
+    # The first pass (cfg None) only finds --experiment; --help waits for the alias flags.
+    parser = argparse.ArgumentParser(prog="python -m segjax.train", description=__doc__.splitlines()[0],
+                                     add_help=cfg is not None)
     parser.add_argument("--experiment", required=True,
                         help=f"built-in name ({', '.join(config_lib.builtin_experiments())}) or a .py file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -83,9 +85,10 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def latest_run(run_root: str, experiment: str) -> Path:
-    runs = sorted(p.parent for p in (Path(run_root) / experiment).glob("*/checkpoints") if any(p.iterdir()))
+    root = Path(run_root) / Path(experiment).stem
+    runs = sorted(p.parent for p in root.glob("*/checkpoints") if any(p.iterdir()))
     if not runs:
-        raise FileNotFoundError(f"--resume: no run with checkpoints under {Path(run_root) / experiment}")
+        raise FileNotFoundError(f"--resume: no run with checkpoints under {root}")
     return runs[-1]
 
 
@@ -113,6 +116,7 @@ def resolve_config(argv: list[str]) -> tuple[config_lib.Config, argparse.Namespa
         if not module.has_data(cfg.data):
             demo = getattr(config_lib.experiment_module(pre.experiment), "DEMO_OVERRIDES", {})
             cfg = _apply(_apply(base, list(demo.items())), overrides)
+    tasks.task_module(cfg.task).validate(cfg)
     return config_lib.validate(cfg), args
 
 
@@ -251,7 +255,7 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
     def validate(epoch: int) -> dict:
         def draw(batch, outputs):
             if runlog.enabled and cfg.train.num_visualizations:
-                task.visualize(batch, jax.device_get(outputs), vis_dir, f"epoch{epoch:03d}",
+                task.visualize(batch, mesh_lib.to_local(outputs, mesh), vis_dir, f"epoch{epoch:03d}",
                                cfg.train.num_visualizations)
 
         metrics = validate_model(task, eval_step, model_state, mesh, cfg, on_first_batch=draw)

@@ -236,3 +236,23 @@ def test_backbone_applies_imagenet_normalisation(tiny_model):
     features = backbone(jnp.broadcast_to(mean, (1, 16, 16, 3)))
     np.testing.assert_allclose(features, 0, atol=1e-6)
     assert np.abs(np.asarray(backbone(jnp.full((1, 16, 16, 3), 0.5)))).max() > 1e-3
+
+
+def test_upconv2x_is_a_pytorch_style_transposed_convolution():
+    from segjax.models.layers import UpConv2x
+
+    up = UpConv2x(3, 4, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 6, 3))
+    y = up(x)
+    kernel, bias = np.asarray(up.kernel[...]), np.asarray(up.bias[...])
+    assert y.shape == (2, 10, 12, 4)
+    # PyTorch's definition, written out: input pixel (i, j) fills block (2i+a, 2j+b) with x @ W[a, b].
+    xn = np.asarray(x)
+    for a in range(2):
+        for b in range(2):
+            np.testing.assert_allclose(np.asarray(y[:, a::2, b::2]), xn @ kernel[a, b] + bias, atol=1e-5)
+    # flax's ConvTranspose computes the same with the kernel flipped spatially.
+    reference = nnx.ConvTranspose(3, 4, (2, 2), (2, 2), padding="VALID", rngs=nnx.Rngs(0))
+    reference.kernel[...] = jnp.asarray(kernel[::-1, ::-1])
+    reference.bias[...] = jnp.asarray(bias)
+    np.testing.assert_allclose(np.asarray(reference(x)), np.asarray(y), atol=1e-5)

@@ -46,6 +46,13 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def to_local(tree, mesh: jax.sharding.Mesh):
+    """This process's rows of batch-sharded outputs, as numpy (for drawing and logging)."""
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(tree, mesh, P("data")))
+
+
 def to_global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
     """Each process's slice of the batch becomes one global array split over `data`."""
     sharding = NamedSharding(mesh, P("data"))

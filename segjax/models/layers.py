@@ -121,3 +121,26 @@ class ResidualBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return nnx.relu(x + self.conv2(self.conv1(x)))
+
+
+class UpConv2x(nnx.Module):
+    """PyTorch's `ConvTranspose2d(in, out, kernel_size=2, stride=2)`: every input pixel becomes a
+    2×2 block, `y[2i+a, 2j+b] = x[i, j] @ kernel[a, b] + bias`.
+
+    Written as one einsum and a depth-to-space reshape: exact, exportable, and on CPU about ten
+    times faster to differentiate than `lax.conv_transpose`. The kernel is [2, 2, in, out] in
+    PyTorch's orientation (flax's ConvTranspose flips it), so imported weights only transpose.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        init = nnx.initializers.lecun_normal()  # fan-in 2*2*in, as nnx.ConvTranspose
+        self.kernel = nnx.Param(init(rngs.params(), (2, 2, in_features, out_features), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, h, w, _ = x.shape
+        kernel = self.kernel[...].astype(self.dtype)
+        y = jnp.einsum("nhwc,abco->nhawbo", x.astype(self.dtype), kernel)
+        return y.reshape(n, 2 * h, 2 * w, kernel.shape[-1]) + self.bias[...].astype(self.dtype)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from segjax.models.layers import ConvNormAct, ResidualBlock, imagenet_normalize
+from segjax.models.layers import ConvNormAct, ResidualBlock, UpConv2x, imagenet_normalize
 from segjax.ops.roi_align import roi_align
 
 # Variants built from the same classes. The tiny head reads the tiny backbone's features.
@@ -24,8 +24,8 @@ class RoiMaskHead(nnx.Module):
       1. RoIAlign to roi_size×roi_size (28; spatial_scale 1/8, aligned=True).
       2. 1×1 conv → LayerNorm → ReLU to `width`.
       3. Two residual blocks: 3×3 conv-LN-ReLU, 3×3 conv-LN, add input, ReLU.
-      4. ConvTranspose 2×2 stride 2 to `width` (56×56), refine: 3×3 conv-LN-ReLU.
-      5. ConvTranspose 2×2 stride 2 to `fine_width` (112×112), refine: 3×3 conv-LN-ReLU.
+      4. ConvTranspose 2×2 stride 2 (`UpConv2x`) to `width` (56×56), refine: 3×3 conv-LN-ReLU.
+      5. ConvTranspose 2×2 stride 2 (`UpConv2x`) to `fine_width` (112×112), refine: 3×3 conv-LN-ReLU.
       6. Fusion at 56×56: 3×3 stride-2 conv of the 112 map to `width`, concatenated with the
          56 map (56 map first), 3×3 conv-LN-ReLU to `width`.
       7. 1×1 conv to `num_classes`.
@@ -54,11 +54,9 @@ class RoiMaskHead(nnx.Module):
         self.reduce = ConvNormAct(in_channels, width, 1, norm="layer", **precision)
         self.blocks = nnx.List(
             [ResidualBlock(width, norm="layer", **precision) for _ in range(2)])
-        self.up_coarse = nnx.ConvTranspose(
-            width, width, (2, 2), (2, 2), padding="VALID", **precision)
+        self.up_coarse = UpConv2x(width, width, **precision)
         self.refine_coarse = ConvNormAct(width, width, 3, norm="layer", **precision)
-        self.up_fine = nnx.ConvTranspose(
-            width, fine_width, (2, 2), (2, 2), padding="VALID", **precision)
+        self.up_fine = UpConv2x(width, fine_width, **precision)
         self.refine_fine = ConvNormAct(fine_width, fine_width, 3, norm="layer", **precision)
         self.down = nnx.Conv(fine_width, width, (3, 3), 2, padding=1, **precision)
         self.fuse = ConvNormAct(2 * width, width, 3, norm="layer", **precision)

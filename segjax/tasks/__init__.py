@@ -10,14 +10,21 @@ for everything that differs. A task provides:
 - `loss_and_sums(model, batch)` -> (loss, (sums, outputs)): runs inside jit; `sums` are additive
   statistics, `outputs` what `visualize` draws;
 - `summarize(sums)` -> metrics dict; `visualize(batch, outputs, out_dir, tag)`;
-- `has_data(data_cfg)` (module function): whether real data paths were given.
+- module functions `has_data(data_cfg)` (were real data paths given?) and `validate(cfg)`
+  (raises ConfigError for values the types alone do not catch).
 """
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
+
+from segjax.config import ConfigError
 
 
 def task_module(name: str):
+    choices = sorted(p.stem for p in Path(__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+    if name not in choices:
+        raise ConfigError(f"unknown task {name!r}; choose one of {choices}")
     return importlib.import_module(f"segjax.tasks.{name}")
 
 

@@ -19,6 +19,7 @@ from flax import nnx
 from PIL import Image
 
 from segjax import losses, metrics
+from segjax.config import ConfigError
 from segjax.data import coco, demo, prepare
 from segjax.data.feature_cache import OnnxFeatureExtractor
 from segjax.models.roi_head import RoiHumanModel, RoiMaskHead, StrideEightBackbone
@@ -64,6 +65,24 @@ class RoiLossConfig:
 
 def has_data(data: RoiDataConfig) -> bool:
     return bool(data.train_ann or data.val_ann or data.train_img_dir or data.val_img_dir)
+
+
+def validate(cfg) -> None:
+    data, model = cfg.data, cfg.model
+    if data.image_size < 8 or data.image_size % 8:
+        raise ConfigError(f"data.image_size must be a positive multiple of 8 (stride-8 features), got {data.image_size}")
+    if data.mask_size != 56:
+        raise ConfigError(f"data.mask_size must be 56, the ROI head's output size; got {data.mask_size}")
+    if data.max_rois < 1:
+        raise ConfigError(f"data.max_rois must be >= 1, got {data.max_rois}")
+    if not 0 <= data.jitter < 0.5:
+        raise ConfigError(f"data.jitter must be within [0, 0.5), got {data.jitter}")
+    if len(model.backbone_widths) != 3 or len(model.backbone_blocks) != 3:
+        raise ConfigError(f"model.backbone_widths and model.backbone_blocks need 3 stages each (stride 8), got "
+                          f"{model.backbone_widths} and {model.backbone_blocks}")
+    for key in ("feature_channels", "head_width", "head_fine_width"):
+        if getattr(model, key) < 1:
+            raise ConfigError(f"model.{key} must be >= 1, got {getattr(model, key)}")
 
 
 def _resolve_data(data: RoiDataConfig) -> RoiDataConfig:
