@@ -124,18 +124,19 @@ def resolve_config(argv: list[str]) -> tuple[config_lib.Config, argparse.Namespa
 # Training
 # ----------------------------------------------------------------------------------------------
 def _new_run_dir(cfg: config_lib.Config) -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    # Every process must write into the same directory: process 0's clock decides.
-    stamp_code = np.int64(int(stamp.replace("-", "")))
+    now = datetime.datetime.now()
+    # Every process must write into the same directory: process 0's clock decides. (Two int32s:
+    # without x64 mode JAX would truncate one int64.)
+    stamp = np.array([int(now.strftime("%Y%m%d")), int(now.strftime("%H%M%S"))], np.int32)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        stamp_code = multihost_utils.broadcast_one_to_all(stamp_code)
-    stamp = f"{int(stamp_code) // 1000000:08d}-{int(stamp_code) % 1000000:06d}"
-    run_dir = Path(cfg.train.run_root) / Path(cfg.experiment).stem / stamp
+        stamp = multihost_utils.broadcast_one_to_all(stamp)
+    name = f"{int(stamp[0]):08d}-{int(stamp[1]):06d}"
+    run_dir = Path(cfg.train.run_root) / Path(cfg.experiment).stem / name
     suffix = 1
     while run_dir.exists() and jax.process_count() == 1:
-        run_dir = run_dir.with_name(f"{stamp}-{suffix}")
+        run_dir = run_dir.with_name(f"{name}-{suffix}")
         suffix += 1
     return run_dir.absolute()
 
