@@ -316,6 +316,7 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
             checkpointer.save(step, model_state, opt_state, train_iter, meta, best)
     checkpointer.wait()
     summary["best_step"] = checkpointer.best_step()
+    summary["steps"] = step
     summary["model_state"] = model_state
     checkpointer.close()
     runlog.close()

@@ -15,7 +15,9 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from segjax.data.errors import DataError, SkipReport
-from segjax.data.images import BadImage, read_rgb, resize_letterbox
+from segjax.data.images import BadImage, read_rgb_sized, resize_letterbox
+# One of the skip reasons below (decoded image size differs from the JSON size), kept importable here.
+from segjax.data.images import SIZE_MISMATCH  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +35,6 @@ BAD_SEGMENTATION = "bad_segmentation"  # unknown format, RLE of another size or 
 DEGENERATE_BOX = "degenerate_box"  # bbox missing, non-finite, or w/h < 1 px inside the image
 IMAGE_MISSING = "image_missing"  # image file not on disk
 NO_PERSON = "no_person"  # image without a valid person (with require_persons)
-SIZE_MISMATCH = "size_mismatch"  # decoded image size differs from the JSON size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +142,7 @@ def _compressed_rle_total(counts: str) -> int | None:
     return sum(runs)
 
 
-def _clean_segmentation(seg: Any, height: int, width: int, ann_id: int, report: SkipReport) -> Any | None:
+def clean_segmentation(seg: Any, height: int, width: int, ann_id: int, report: SkipReport) -> Any | None:
     """Cleaned polygons or an RLE dict checked against the image size; None (counted) if unusable."""
     if isinstance(seg, list):
         parts = _clean_polygons(seg, ann_id, report)
@@ -212,7 +213,7 @@ def load_person_index(
         height, width = image["height"], image["width"]
         if ann.get("iscrowd", 0):
             # Crowd regions only mark "other people" pixels, so their box does not matter.
-            seg = _clean_segmentation(ann["segmentation"], height, width, ann_id, report)
+            seg = clean_segmentation(ann["segmentation"], height, width, ann_id, report)
             if seg is not None:
                 crowds[image["id"]].append({"id": ann_id, "segmentation": seg})
             continue
@@ -220,7 +221,7 @@ def load_person_index(
         if box is None:
             report.add(DEGENERATE_BOX, ann_id)
             continue
-        seg = _clean_segmentation(ann["segmentation"], height, width, ann_id, report)
+        seg = clean_segmentation(ann["segmentation"], height, width, ann_id, report)
         if seg is not None:
             persons[image["id"]].append({"id": ann_id, "bbox": box, "segmentation": seg})
 
@@ -247,7 +248,7 @@ def load_person_index(
     return index, report
 
 
-def _to_rle(seg: Any, height: int, width: int) -> dict:
+def to_rle(seg: Any, height: int, width: int) -> dict:
     """One compressed RLE for cleaned polygons, an uncompressed RLE or a compressed RLE."""
     if isinstance(seg, list):
         return mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
@@ -260,12 +261,12 @@ def instance_masks(image: PersonImage) -> tuple[np.ndarray, np.ndarray]:
     """Person masks uint8 [P, H, W] (order of `persons`) and the union crowd mask uint8 [H, W]."""
     h, w = image.height, image.width
     if image.persons:
-        rles = [_to_rle(p["segmentation"], h, w) for p in image.persons]
+        rles = [to_rle(p["segmentation"], h, w) for p in image.persons]
         person_masks = np.ascontiguousarray(np.transpose(mask_utils.decode(rles), (2, 0, 1)))
     else:
         person_masks = np.zeros((0, h, w), dtype=np.uint8)
     if image.crowds:
-        crowd_rle = mask_utils.merge([_to_rle(c["segmentation"], h, w) for c in image.crowds])
+        crowd_rle = mask_utils.merge([to_rle(c["segmentation"], h, w) for c in image.crowds])
         crowd_mask = np.ascontiguousarray(mask_utils.decode(crowd_rle))
     else:
         crowd_mask = np.zeros((h, w), dtype=np.uint8)
@@ -333,22 +334,6 @@ class PersonRoiSource:
         return f"PersonRoiSource({len(self.images)} images, {len(self)} entries, max_rois={self.max_rois})"
 
 
-def _read_checked(image: PersonImage) -> np.ndarray:
-    """Decode the image at its annotated size, falling back to the raw (non-EXIF) orientation."""
-    pixels = read_rgb(image.path)
-    if pixels.shape[:2] != (image.height, image.width):
-        # Annotations are made on stored pixels when the EXIF rotation was ignored by the tool.
-        raw = read_rgb(image.path, exif_transpose=False)
-        if raw.shape[:2] != (image.height, image.width):
-            raise BadImage(
-                image.path,
-                f"{SIZE_MISMATCH}: decoded {pixels.shape[1]}x{pixels.shape[0]}, "
-                f"annotation says {image.width}x{image.height}",
-            )
-        pixels = raw
-    return pixels
-
-
 def jitter_boxes(boxes: np.ndarray, rng: np.random.Generator, jitter: float, height: int, width: int) -> np.ndarray:
     """Move each side by up to jitter x box size, clip to the image, keep >= 1 px wide and high."""
     boxes = np.asarray(boxes, dtype=np.float64)
@@ -390,7 +375,7 @@ def make_roi_example(
         raise ValueError(f"entry has {len(person_ids)} persons but max_rois is {max_rois}")
     example = _empty_example(image.image_id, image_size, max_rois, mask_size)
     try:
-        pixels = _read_checked(image)
+        pixels = read_rgb_sized(image.path, image.height, image.width)
     except BadImage as err:
         logger.warning("skipping image %s (id %d): %s", err.path, image.image_id, err.reason)
         return example

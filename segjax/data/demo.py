@@ -5,14 +5,22 @@ import colorsys
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+from scipy import ndimage
+
+from segjax.data.prepare_semantic import prepare_coco_semantic
+from segjax.data.semantic import VOC_CLASSES, save_mask
 
 logger = logging.getLogger(__name__)
+
+# (rng, height, width, with_crowd) -> (uint8 pixels, COCO annotations without ids)
+Renderer = Callable[[np.random.Generator, int, int, bool], tuple[np.ndarray, list[dict]]]
 
 # Bump when the generated content changes, so cached copies are rewritten.
 COCO_PERSON_DEMO_VERSION = 1
@@ -24,6 +32,7 @@ _CATEGORIES = [
     {"supercategory": "sports", "id": 37, "name": "sports ball"},
 ]
 _SPORTS_BALL = 37
+_PERSON_INFO = {"description": "segjax synthetic COCO person demo", "version": str(COCO_PERSON_DEMO_VERSION)}
 # COCO numbers crowd annotations far above the instance ids (beyond int32); so do we.
 _CROWD_ID_BASE = 900_000_000_000
 # Train and val get disjoint image ids that do not start at 0 or 1.
@@ -145,24 +154,30 @@ def _render_image(rng: np.random.Generator, height: int, width: int, with_crowd:
             visible &= ~front
         if not visible.any():
             continue
-        rle = mask_utils.encode(np.asfortranarray(visible.astype(np.uint8)))
-        if iscrowd:
-            # Real COCO crowd regions use uncompressed RLE (counts as a list).
-            segmentation: Any = _uncompressed_rle(visible)
-        elif visible.sum() == masks[k].sum() and rng.random() < 0.8:
-            segmentation = [[round(v, 2) for v in part] for part in parts]
-        else:
-            segmentation = {"size": [height, width], "counts": rle["counts"].decode("ascii")}
-        annotations.append(
-            {
-                "segmentation": segmentation,
-                "area": float(visible.sum()),
-                "iscrowd": iscrowd,
-                "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)],
-                "category_id": category,
-            }
-        )
+        annotations.append(_annotation(rng, category, parts, visible, iscrowd, visible.sum() == masks[k].sum()))
     return np.clip(pixels, 0, 255).astype(np.uint8), annotations
+
+
+def _annotation(rng: np.random.Generator, category: int, parts: list[list[float]], mask: np.ndarray, iscrowd: int,
+                polygon_ok: bool) -> dict:
+    """A COCO annotation (without ids) of `mask`: uncompressed RLE for a crowd, else mostly the
+    polygon `parts` when they describe the mask exactly (polygon_ok), sometimes compressed RLE."""
+    height, width = mask.shape
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    if iscrowd:
+        # Real COCO crowd regions use uncompressed RLE (counts as a list).
+        segmentation: Any = _uncompressed_rle(mask)
+    elif polygon_ok and rng.random() < 0.8:
+        segmentation = [[round(v, 2) for v in part] for part in parts]
+    else:
+        segmentation = {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+    return {
+        "segmentation": segmentation,
+        "area": float(mask.sum()),
+        "iscrowd": iscrowd,
+        "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)],
+        "category_id": category,
+    }
 
 
 def _uncompressed_rle(mask: np.ndarray) -> dict:
@@ -176,7 +191,9 @@ def _uncompressed_rle(mask: np.ndarray) -> dict:
     return {"size": list(mask.shape), "counts": counts}
 
 
-def _write_split(root: Path, split: str, count: int, size: tuple[int, int], seed: int) -> None:
+def _write_split(root: Path, split: str, count: int, size: tuple[int, int], seed: int, render: Renderer,
+                 info: dict, categories: list[dict]) -> None:
+    """Images of `render` and their COCO instances file in the COCO 2017 layout."""
     width, height = size
     image_dir = root / split
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -186,7 +203,7 @@ def _write_split(root: Path, split: str, count: int, size: tuple[int, int], seed
         image_id = _IMAGE_ID_BASE[split] + i
         # One generator per image: the content of image i does not depend on the split size.
         rng = np.random.default_rng([seed, _IMAGE_ID_BASE[split], i])
-        pixels, anns = _render_image(rng, height, width, with_crowd=i % 5 == 2)
+        pixels, anns = render(rng, height, width, i % 5 == 2)
         file_name = f"{image_id:012d}.jpg"
         Image.fromarray(pixels).save(image_dir / file_name, quality=92)
         images.append({"license": 1, "file_name": file_name, "height": height, "width": width, "id": image_id})
@@ -197,11 +214,11 @@ def _write_split(root: Path, split: str, count: int, size: tuple[int, int], seed
                 ann_id, next_ann_id = next_ann_id, next_ann_id + 1
             annotations.append({**ann, "image_id": image_id, "id": ann_id})
     data = {
-        "info": {"description": "segjax synthetic COCO person demo", "version": str(COCO_PERSON_DEMO_VERSION)},
+        "info": info,
         "licenses": [{"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}],
         "images": images,
         "annotations": annotations,
-        "categories": _CATEGORIES,
+        "categories": categories,
     }
     ann_file = root / "annotations" / f"instances_{split}.json"
     ann_file.parent.mkdir(parents=True, exist_ok=True)
@@ -243,17 +260,22 @@ def write_coco_person_demo(
     logger.info("writing COCO person demo data (%d train, %d val images) into %s", num_train, num_val, root)
     marker.unlink(missing_ok=True)
     for split, count in (("train2017", num_train), ("val2017", num_val)):
-        _write_split(root, split, count, tuple(image_size), seed)
+        _write_split(root, split, count, tuple(image_size), seed, _render_image, _PERSON_INFO, _CATEGORIES)
     # Written last: its presence means everything before it is complete.
     marker.write_text(json.dumps(params))
     return paths
 
 
-def _is_complete(marker: Path, params: dict, paths: dict[str, str]) -> bool:
+def _marker_matches(marker: Path, params: dict) -> bool:
+    """Whether a demo's marker (written last) records exactly these parameters."""
     try:
-        if json.loads(marker.read_text()) != params:
-            return False
+        return json.loads(marker.read_text()) == params
     except (OSError, ValueError):
+        return False
+
+
+def _is_complete(marker: Path, params: dict, paths: dict[str, str]) -> bool:
+    if not _marker_matches(marker, params):
         return False
     dirs = {
         "train2017": (paths["train_img_dir"], params["num_train"]),
@@ -264,3 +286,236 @@ def _is_complete(marker: Path, params: dict, paths: dict[str, str]) -> bool:
         for split, (folder, count) in dirs.items()
         for i in range(count)
     )
+
+
+# ---------------------------------------------------------------- semantic segmentation demos
+
+VOC_DEMO_VERSION = 1
+COCO_SEMANTIC_DEMO_VERSION = 1
+_VOC_MARKER = "segjax_voc_demo.json"
+_COCO_SEMANTIC_MARKER = "segjax_coco_semantic_demo.json"
+# VOC ids read <year>_<number>; one year per split keeps them disjoint.
+_VOC_YEAR = {"train": 2008, "val": 2009}
+_SEMANTIC_INFO = {"description": "segjax synthetic COCO semantic demo", "version": str(COCO_SEMANTIC_DEMO_VERSION)}
+# Demo object (a VOC class name) -> its COCO category, with COCO's own ids and names.
+_COCO_OF_OBJECT = {"person": 1, "car": 3, "aeroplane": 5, "bottle": 44, "diningtable": 67, "tvmonitor": 72}
+_SEMANTIC_CATEGORIES = [
+    {"supercategory": "person", "id": 1, "name": "person"},
+    {"supercategory": "vehicle", "id": 3, "name": "car"},
+    {"supercategory": "vehicle", "id": 5, "name": "airplane"},
+    {"supercategory": "kitchen", "id": 44, "name": "bottle"},
+    {"supercategory": "furniture", "id": 67, "name": "dining table"},
+    {"supercategory": "electronic", "id": 72, "name": "tv"},
+]
+
+
+def _outline(cx: float, cy: float, s: float, points: list[tuple[float, float]]) -> list[float]:
+    """A polygon part from points given in object units (centre cx, cy; size s)."""
+    return [float(v) for x, y in points for v in (cx + s * x, cy + s * y)]
+
+
+def _aeroplane(cx: float, cy: float, s: float) -> list[list[float]]:
+    wings = [(0.1, 0.0), (-0.15, -0.45), (-0.28, -0.45), (-0.12, 0.0), (-0.28, 0.45), (-0.15, 0.45)]
+    fin = [(-0.36, -0.02), (-0.5, -0.25), (-0.5, -0.02)]
+    return [_ellipse(cx, cy, 0.5 * s, 0.09 * s), _outline(cx, cy, s, wings), _outline(cx, cy, s, fin)]
+
+
+def _bottle(cx: float, cy: float, s: float) -> list[list[float]]:
+    body = [(-0.11, 0.45), (0.11, 0.45), (0.11, -0.1), (0.04, -0.22), (0.04, -0.45), (-0.04, -0.45),
+            (-0.04, -0.22), (-0.11, -0.1)]
+    return [_outline(cx, cy, s, body)]
+
+
+def _car(cx: float, cy: float, s: float) -> list[list[float]]:
+    body = [(-0.5, 0.15), (0.5, 0.15), (0.5, -0.05), (0.3, -0.05), (0.2, -0.22), (-0.25, -0.22), (-0.38, -0.05),
+            (-0.5, -0.05)]
+    wheels = [_ellipse(cx + dx * s, cy + 0.15 * s, 0.1 * s, 0.1 * s, 16) for dx in (-0.3, 0.3)]
+    return [_outline(cx, cy, s, body), *wheels]
+
+
+def _person(cx: float, cy: float, s: float) -> list[list[float]]:
+    return _person_parts(cx, cy - 0.5 * s, s, 0.36 * s, 0.0)
+
+
+def _tvmonitor(cx: float, cy: float, s: float) -> list[list[float]]:
+    screen = [(-0.4, -0.35), (0.4, -0.35), (0.4, 0.15), (-0.4, 0.15)]
+    stand = [(-0.05, 0.15), (0.05, 0.15), (0.05, 0.3), (0.2, 0.3), (0.2, 0.36), (-0.2, 0.36), (-0.2, 0.3),
+             (-0.05, 0.3)]
+    return [_outline(cx, cy, s, screen), _outline(cx, cy, s, stand)]
+
+
+def _diningtable(cx: float, cy: float, s: float) -> list[list[float]]:
+    top = [(-0.4, -0.2), (0.4, -0.2), (0.5, 0.0), (-0.5, 0.0)]
+    legs = [[(x, 0.0), (x + 0.05, 0.0), (x + 0.05, 0.3), (x, 0.3)] for x in (-0.47, 0.42)]
+    return [_outline(cx, cy, s, top), *(_outline(cx, cy, s, leg) for leg in legs)]
+
+
+# Demo object -> (shape, hue): a class is told apart by both.
+_OBJECTS = {
+    "aeroplane": (_aeroplane, 0.6),
+    "bottle": (_bottle, 0.3),
+    "car": (_car, 0.0),
+    "person": (_person, 0.1),
+    "tvmonitor": (_tvmonitor, 0.8),
+    "diningtable": (_diningtable, 0.45),
+}
+_FREE_OBJECTS = ["aeroplane", "bottle", "car", "person", "tvmonitor"]
+
+
+def _scene(rng: np.random.Generator, height: int, width: int) -> list[tuple[str, list[list[float]], np.ndarray]]:
+    """(object, polygon parts, mask) of 1-4 objects, larger first: back to front.
+
+    Sometimes a table with bottles standing on it, so small objects lie on large ones.
+    """
+    side = min(height, width)
+    objects = []
+    if rng.random() < 0.35:
+        s = rng.uniform(0.6, 0.9) * side
+        cx, cy = rng.uniform(0.5 * s, width - 0.5 * s), rng.uniform(0.45 * s, height - 0.32 * s)
+        objects.append(("diningtable", _diningtable(cx, cy, s)))
+        for _ in range(int(rng.integers(1, 3))):
+            b = rng.uniform(0.25, 0.35) * s
+            objects.append(("bottle", _bottle(cx + rng.uniform(-0.35, 0.35) * s, cy - 0.1 * s - 0.45 * b, b)))
+    for _ in range(int(rng.integers(0 if objects else 1, 3))):
+        name = str(rng.choice(_FREE_OBJECTS))
+        s = rng.uniform(0.35, 0.7) * side
+        cx, cy = rng.uniform(0.4 * s, width - 0.4 * s), rng.uniform(0.4 * s, height - 0.4 * s)
+        objects.append((name, _OBJECTS[name][0](cx, cy, s)))
+    scene = [(name, parts, _rasterise(parts, height, width)) for name, parts in objects]
+    # The order prepare_coco_semantic paints in, so its masks match these images.
+    return sorted(scene, key=lambda item: -int(item[2].sum()))
+
+
+def _paint_scene(rng: np.random.Generator, pixels: np.ndarray, scene: list) -> None:
+    for name, _, mask in scene:
+        colour = _colour(rng, _OBJECTS[name][1] + rng.uniform(-0.02, 0.02))
+        pixels[mask] = colour * (1.0 + rng.normal(0.0, 0.06, size=(int(mask.sum()), 1)))
+
+
+def _render_voc(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels and the VOC class-index mask of one demo image, with VOC's void band along outlines."""
+    pixels = _background(rng, height, width)
+    scene = _scene(rng, height, width)
+    _paint_scene(rng, pixels, scene)
+    label = np.zeros((height, width), dtype=np.uint8)
+    border = np.zeros((height, width), dtype=bool)
+    front = np.zeros((height, width), dtype=bool)
+    for name, _, mask in reversed(scene):
+        label[mask & ~front] = VOC_CLASSES.index(name)
+        visible = mask & ~front
+        # border_value=1: no band along the image edge, as in VOC.
+        border |= ndimage.binary_dilation(visible) & ~ndimage.binary_erosion(visible, border_value=1)
+        front |= mask
+    label[border] = 255
+    return np.clip(pixels, 0, 255).astype(np.uint8), label
+
+
+def write_voc_demo(
+    root: str | os.PathLike,
+    *,
+    num_train: int = 96,
+    num_val: int = 24,
+    size: tuple[int, int] = (160, 120),
+    seed: int = 0,
+) -> Path:
+    """Write (or reuse) a synthetic PASCAL VOC 2012 segmentation layout; size is (width, height).
+
+    JPEGImages/, SegmentationClass/ palette PNGs (255 bands along object outlines, like VOC) and
+    ImageSets/Segmentation/{train,val,trainval}.txt, with a few VOC classes drawn as distinct
+    shapes and colours. Returns the VOCdevkit/VOC2012 folder.
+    """
+    root = Path(root)
+    base = root / "VOCdevkit" / "VOC2012"
+    width, height = size
+    ids = {
+        split: [f"{_VOC_YEAR[split]}_{i:06d}" for i in range(count)]
+        for split, count in (("train", num_train), ("val", num_val))
+    }
+    params = {"version": VOC_DEMO_VERSION, "num_train": num_train, "num_val": num_val, "size": list(size), "seed": seed}
+    marker = root / _VOC_MARKER
+    files = [base / folder / f"{i}{ext}" for split_ids in ids.values() for i in split_ids
+             for folder, ext in (("JPEGImages", ".jpg"), ("SegmentationClass", ".png"))]
+    if _marker_matches(marker, params) and all(f.is_file() for f in files):
+        logger.info("reusing VOC demo data in %s", root)
+        return base
+    logger.info("writing VOC demo data (%d train, %d val images) into %s", num_train, num_val, root)
+    marker.unlink(missing_ok=True)
+    lists = base / "ImageSets" / "Segmentation"
+    for folder in (base / "JPEGImages", base / "SegmentationClass", lists):
+        folder.mkdir(parents=True, exist_ok=True)
+    for split, split_ids in ids.items():
+        for i, image_id in enumerate(split_ids):
+            # One generator per image: the content of image i does not depend on the split size.
+            pixels, label = _render_voc(np.random.default_rng([seed, _VOC_YEAR[split], i]), height, width)
+            Image.fromarray(pixels).save(base / "JPEGImages" / f"{image_id}.jpg", quality=92)
+            save_mask(base / "SegmentationClass" / f"{image_id}.png", label)
+    for name, split_ids in (("train", ids["train"]), ("val", ids["val"]), ("trainval", ids["train"] + ids["val"])):
+        (lists / f"{name}.txt").write_text("".join(f"{i}\n" for i in split_ids))
+    # Written last: its presence means everything before it is complete.
+    marker.write_text(json.dumps(params))
+    return base
+
+
+def _render_coco_semantic(rng: np.random.Generator, height: int, width: int,
+                          with_crowd: bool) -> tuple[np.ndarray, list[dict]]:
+    """A demo scene with whole-object annotations that overlap (bottles on tables, a person before
+    a car), painted larger behind smaller, plus sometimes a crowd band of people behind everything."""
+    pixels = _background(rng, height, width)
+    annotations = []
+    if with_crowd:
+        parts = _crowd_parts(rng, height, width)
+        mask = _rasterise(parts, height, width)
+        pixels[mask] = _colour(rng, rng.random()) * 0.6
+        annotations.append(_annotation(rng, 1, parts, mask, 1, polygon_ok=False))
+    scene = _scene(rng, height, width)
+    _paint_scene(rng, pixels, scene)
+    annotations += [_annotation(rng, _COCO_OF_OBJECT[name], parts, mask, 0, polygon_ok=True)
+                    for name, parts, mask in scene]
+    return np.clip(pixels, 0, 255).astype(np.uint8), annotations
+
+
+def write_coco_semantic_demo(
+    root: str | os.PathLike,
+    *,
+    num_train: int = 96,
+    num_val: int = 24,
+    size: tuple[int, int] = (160, 128),
+    seed: int = 0,
+) -> dict[str, str]:
+    """Write (or reuse) a synthetic multi-category COCO data set and its prepared semantic masks.
+
+    The COCO 2017 layout (annotations/instances_{train,val}2017.json, {train,val}2017/*.jpg; size
+    is (width, height)) goes through prepare_coco_semantic (crowd="ignore", link_images=True) into
+    prepared/{train,val}/{images,masks,classes.json}. Returns those paths: {train,val}_ann,
+    {train,val}_img_dir, {train,val}_images, {train,val}_masks, classes.
+    """
+    root = Path(root)
+    prepared = root / "prepared"
+    paths = {
+        "train_ann": str(root / "annotations" / "instances_train2017.json"),
+        "val_ann": str(root / "annotations" / "instances_val2017.json"),
+        "train_img_dir": str(root / "train2017"),
+        "val_img_dir": str(root / "val2017"),
+        "train_images": str(prepared / "train" / "images"),
+        "train_masks": str(prepared / "train" / "masks"),
+        "val_images": str(prepared / "val" / "images"),
+        "val_masks": str(prepared / "val" / "masks"),
+        "classes": str(prepared / "train" / "classes.json"),
+    }
+    params = {"version": COCO_SEMANTIC_DEMO_VERSION, "num_train": num_train, "num_val": num_val,
+              "size": list(size), "seed": seed}
+    marker = root / _COCO_SEMANTIC_MARKER
+    if _marker_matches(marker, params) and all(Path(p).exists() for p in paths.values()):
+        logger.info("reusing COCO semantic demo data in %s", root)
+        return paths
+    logger.info("writing COCO semantic demo data (%d train, %d val images) into %s", num_train, num_val, root)
+    marker.unlink(missing_ok=True)
+    for split, count in (("train", num_train), ("val", num_val)):
+        _write_split(root, f"{split}2017", count, tuple(size), seed, _render_coco_semantic, _SEMANTIC_INFO,
+                     _SEMANTIC_CATEGORIES)
+        # Masks of an earlier, larger run must not stay behind beside the new ones.
+        shutil.rmtree(prepared / split, ignore_errors=True)
+        prepare_coco_semantic(paths[f"{split}_ann"], paths[f"{split}_img_dir"], prepared / split, crowd="ignore",
+                              link_images=True, seed=seed)
+    marker.write_text(json.dumps(params))
+    return paths

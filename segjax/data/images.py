@@ -8,6 +8,8 @@ from PIL import Image, ImageOps
 
 # 16-bit and 32-bit integer greyscale modes; their values span 0..65535.
 _WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Reason prefix of SizeMismatch, also a skip-report reason of the loaders.
+SIZE_MISMATCH = "size_mismatch"
 
 
 class BadImage(Exception):
@@ -17,6 +19,10 @@ class BadImage(Exception):
         super().__init__(f"{os.fspath(path)}: {reason}")
         self.path = os.fspath(path)
         self.reason = reason
+
+
+class SizeMismatch(BadImage):
+    """An image whose decoded size differs from the size its annotation (or mask) has."""
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
@@ -53,17 +59,38 @@ def read_rgb(path: str | os.PathLike, exif_transpose: bool = True) -> np.ndarray
     return np.ascontiguousarray(pixels)
 
 
-def resize_letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
-    """Resize the long side to `size` (bilinear) and zero-pad bottom/right to size x size.
+def read_rgb_sized(path: str | os.PathLike, height: int, width: int) -> np.ndarray:
+    """read_rgb at an expected size, falling back to the stored (non-EXIF) orientation.
 
-    Returns the padded uint8 image and the scale applied to pixel coordinates.
+    Annotations are often made on the stored pixels by tools that ignore the EXIF rotation.
+    Raises SizeMismatch if neither orientation has the expected size.
+    """
+    pixels = read_rgb(path)
+    if pixels.shape[:2] != (height, width):
+        raw = read_rgb(path, exif_transpose=False)
+        if raw.shape[:2] != (height, width):
+            raise SizeMismatch(
+                path,
+                f"{SIZE_MISMATCH}: decoded {pixels.shape[1]}x{pixels.shape[0]}, annotation says {width}x{height}",
+            )
+        pixels = raw
+    return pixels
+
+
+def resize_letterbox(
+    image: np.ndarray, size: int, *, fill: int = 0, resample: Image.Resampling = Image.Resampling.BILINEAR
+) -> tuple[np.ndarray, float]:
+    """Resize the long side to `size` and pad bottom/right with `fill` to size x size.
+
+    Works for HxWxC images and HxW label maps (pass NEAREST so no new label appears).
+    Returns the padded array and the scale applied to pixel coordinates.
     """
     height, width = image.shape[:2]
     scale = size / max(height, width)
     new_w = min(size, max(1, round(width * scale)))
     new_h = min(size, max(1, round(height * scale)))
     if (new_h, new_w) != (height, width):
-        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
-    out = np.zeros((size, size, 3), dtype=np.uint8)
+        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample))
+    out = np.full((size, size, *image.shape[2:]), fill, dtype=image.dtype)
     out[:new_h, :new_w] = image
     return out, scale

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 # PyTorch's defaults (eps 1e-5, BatchNorm momentum 0.1 == Flax momentum 0.9), so that imported
-# PyTorch weights and statistics behave as they did in PyTorch.
+# PyTorch weights and statistics behave as they did in PyTorch. Variances are two-pass, as in
+# PyTorch: flax's fast E[x^2]-E[x]^2 cancels badly and made sharded steps differ by ~1e-4.
 NORM_EPSILON = 1e-5
 BATCH_NORM_MOMENTUM = 0.9
 
@@ -25,6 +26,15 @@ def imagenet_normalize(images: jax.Array) -> jax.Array:
     """RGB images in [0, 1] (NHWC) to ImageNet-standardised float32."""
     images = images.astype(jnp.float32)
     return (images - jnp.array(IMAGENET_MEAN)) / jnp.array(IMAGENET_STD)
+
+
+def batch_norm(
+    num_features: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs,
+) -> nnx.BatchNorm:
+    """PyTorch's `BatchNorm2d(num_features)` on NHWC: eps 1e-5, momentum 0.1, training mode."""
+    return nnx.BatchNorm(
+        num_features, momentum=BATCH_NORM_MOMENTUM, epsilon=NORM_EPSILON, use_fast_variance=False,
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def make_norm(
@@ -42,15 +52,14 @@ def make_norm(
     "batch" starts in training mode (`model.eval()` switches it to running statistics).
     """
     if norm == "batch":
-        return nnx.BatchNorm(
-            num_features, momentum=BATCH_NORM_MOMENTUM, epsilon=NORM_EPSILON,
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        return batch_norm(num_features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if norm == "layer":
         return nnx.LayerNorm(
-            num_features, epsilon=NORM_EPSILON, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            num_features, epsilon=NORM_EPSILON, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
+            rngs=rngs)
     if norm == "group":
         return nnx.GroupNorm(
-            num_features, num_groups=num_groups, epsilon=NORM_EPSILON,
+            num_features, num_groups=num_groups, epsilon=NORM_EPSILON, use_fast_variance=False,
             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if norm is None:
         return None
@@ -60,8 +69,9 @@ def make_norm(
 class ConvNormAct(nnx.Module):
     """k×k convolution, then an optional norm, then an optional activation.
 
-    Padding is `kernel_size // 2` on every side, as in PyTorch, so a stride-s convolution
-    gives ceil(H / s) rows and PyTorch weights see the same pixel alignment.
+    Padding is `dilation * (kernel_size // 2)` on every side, as in PyTorch, so a stride-s
+    convolution gives ceil(H / s) rows and PyTorch weights see the same pixel alignment.
+    `groups` is PyTorch's `groups` (`groups=in_features` is a depthwise convolution).
     """
 
     def __init__(
@@ -75,13 +85,16 @@ class ConvNormAct(nnx.Module):
         act: Callable[[jax.Array], jax.Array] | None = nnx.relu,
         use_bias: bool = True,
         num_groups: int = 32,
+        dilation: int = 1,
+        groups: int = 1,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.conv = nnx.Conv(
             in_features, out_features, (kernel_size, kernel_size), strides,
-            padding=kernel_size // 2, use_bias=use_bias,
+            padding=dilation * (kernel_size // 2), kernel_dilation=dilation,
+            feature_group_count=groups, use_bias=use_bias,
             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = make_norm(
             norm, out_features, num_groups=num_groups,
