@@ -6,17 +6,14 @@ checkpoint/resume -> steps -> epochs (train, validate, visualise, save).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import logging
-import math
 import sys
 import time
 import typing
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
@@ -92,9 +89,9 @@ def latest_run(run_root: str, experiment: str) -> Path:
     return runs[-1]
 
 
-def resolve_config(argv: list[str]) -> tuple[config_lib.Config, argparse.Namespace]:
+def resolve_config(argv: list[str], *, demo: bool = True) -> tuple[config_lib.Config, argparse.Namespace]:
     """The config a command line asks for: experiment (or the resumed run's saved config),
-    demo overrides when no data is given, then aliases and --set, validated."""
+    demo overrides when no data is given (unless `demo` is False), then aliases and --set, validated."""
     pre, _ = build_parser(None).parse_known_args(argv)
     base = config_lib.load_experiment(pre.experiment)
     args = build_parser(base).parse_args(argv)
@@ -113,7 +110,7 @@ def resolve_config(argv: list[str]) -> tuple[config_lib.Config, argparse.Namespa
     else:
         cfg = _apply(base, overrides)
         module = tasks.task_module(cfg.task)
-        if not module.has_data(cfg.data):
+        if demo and not module.has_data(cfg.data):
             demo = getattr(config_lib.experiment_module(pre.experiment), "DEMO_OVERRIDES", {})
             cfg = _apply(_apply(base, list(demo.items())), overrides)
     tasks.task_module(cfg.task).validate(cfg)
@@ -180,6 +177,35 @@ def _check_health(totals: dict, cfg: config_lib.Config) -> None:
                            f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}; lower the lr or check the data")
 
 
+class ModelSetup(typing.NamedTuple):
+    model_def: nnx.GraphDef  # training mode
+    eval_def: nnx.GraphDef  # BatchNorm running averages, dropout off
+    opt_def: nnx.GraphDef
+    model_state: nnx.State
+    opt_state: nnx.State
+    shardings: tuple  # of (model_state, opt_state)
+    schedule: typing.Callable  # learning rate per optimizer update
+    num_params: int
+
+
+def build_state(task, mesh: jax.sharding.Mesh, steps_per_epoch: int, epochs: int) -> ModelSetup:
+    """The task's model and optimizer as split NNX state, replicated over the mesh."""
+    cfg = task.cfg
+    # Created inside jit: eager initialisers compile one small program per layer shape.
+    model = nnx.jit(lambda: task.build_model(nnx.Rngs(cfg.train.seed)))()
+    tx, schedule = steps_lib.make_optimizer(cfg.optim, steps_per_epoch, epochs)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    model_def, model_state = nnx.split(model)
+    opt_def, opt_state = nnx.split(optimizer)
+    model.eval()
+    eval_def = nnx.graphdef(model)
+    replicated = mesh_lib.replicated(mesh)
+    model_state, opt_state = jax.device_put((model_state, opt_state), replicated)
+    shardings = jax.tree.map(lambda _: replicated, (model_state, opt_state))
+    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return ModelSetup(model_def, eval_def, opt_def, model_state, opt_state, shardings, schedule, num_params)
+
+
 def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None = None) -> dict:
     """Trains and validates as `cfg` says; returns a summary (run dir, first and last metrics).
 
@@ -216,20 +242,9 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
     resume_step = checkpointer.latest_step() if resume_dir else None
     if resume_dir and cfg.train.resume_epochs:
         total_epochs = checkpointer.meta(resume_step)["epoch"] + cfg.train.resume_epochs
-    # Created inside jit: eager initialisers compile one small program per layer shape.
-    model = nnx.jit(lambda: task.build_model(nnx.Rngs(cfg.train.seed)))()
-    tx, schedule = steps_lib.make_optimizer(cfg.optim, steps_per_epoch, total_epochs)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    model_def, model_state = nnx.split(model)
-    opt_def, opt_state = nnx.split(optimizer)
-    model.eval()
-    eval_def = nnx.graphdef(model)  # BatchNorm running averages, dropout off
-    replicated = mesh_lib.replicated(mesh)
-    model_state, opt_state = jax.device_put((model_state, opt_state), replicated)
-    state_shardings = jax.tree.map(lambda _: replicated, (model_state, opt_state))
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    log.info("model: %s parameters, compute %s", f"{n_params:,}", cfg.train.precision)
-    del model, optimizer
+    setup = build_state(task, mesh, steps_per_epoch, total_epochs)
+    model_state, opt_state, schedule = setup.model_state, setup.opt_state, setup.schedule
+    log.info("model: %s parameters, compute %s", f"{setup.num_params:,}", cfg.train.precision)
 
     # --- Resume or initialise from a checkpoint ------------------------------------------------------
     if resume_dir:
@@ -249,8 +264,8 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
         log.info("initialised weights from %s step %d", ckpt_dir, init_step)
 
     # --- Steps -------------------------------------------------------------------------------------
-    train_step = steps_lib.make_train_step(model_def, opt_def, task.loss_and_sums, state_shardings)
-    eval_step = steps_lib.make_eval_step(eval_def, task.loss_and_sums)
+    train_step = steps_lib.make_train_step(setup.model_def, setup.opt_def, task.loss_and_sums, setup.shardings)
+    eval_step = steps_lib.make_eval_step(setup.eval_def, task.loss_and_sums)
     vis_dir = run_dir / "visualizations"
 
     def validate(epoch: int) -> dict:
@@ -285,6 +300,10 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
             batch = mesh_lib.to_global_batch(next(train_iter), mesh)
             model_state, opt_state, sums = train_step(model_state, opt_state, batch)
             step += 1
+            if step == 1:  # one extra host sync per run, for metrics_first_iter.txt
+                first = steps_lib.HostSums()
+                first.add(sums)
+                runlog.write_text("metrics_first_iter.txt", task.summarize(first.total))
             pending = sums if pending is None else steps_lib.add_sums(pending, sums)
             bar.update()
             if (i + 1) % cfg.train.log_every == 0 or i + 1 == steps_per_epoch:
@@ -315,6 +334,8 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
             best = {task.best_metric: val_metrics[task.best_metric]} if val_metrics else None
             checkpointer.save(step, model_state, opt_state, train_iter, meta, best)
     checkpointer.wait()
+    if summary["last_val"]:
+        runlog.write_text("final_metrics.txt", summary["last_val"])
     summary["best_step"] = checkpointer.best_step()
     summary["steps"] = step
     summary["model_state"] = model_state

@@ -73,7 +73,11 @@ def test_run_directory_contents(straight):
         assert {"step", "epoch", "split", "loss", "ce", "dice", "miou", "iou_this_person"} <= r.keys()
     assert all("lr" in r for r in train) and train[1]["lr"] < train[0]["lr"]  # cosine decays
     assert sum(r["bad_records"] for r in train) >= 1  # the truncated JPEG was counted, not fatal
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    for split in ("train", "val"):
+        assert list((run_dir / "tensorboard" / split).glob("events.out.tfevents.*"))
+    assert "miou:" in (run_dir / "metrics_first_iter.txt").read_text()
+    final = (run_dir / "final_metrics.txt").read_text()
+    assert f"miou: {val[-1]['miou']:.6g}" in final
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert list((run_dir / "visualizations").glob("epoch002_*.png"))
 

@@ -36,27 +36,40 @@ class RunLog:
             self._file_handler = logging.FileHandler(self.run_dir / "train.log")
             self._file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             logging.getLogger("segjax").addHandler(self._file_handler)
-            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            # One writer per split (tensorboard/train, tensorboard/val), so TensorBoard overlays
+            # the train and val curves of each metric.
+            self._writers = {}
+            self._summary_writer = lambda split: SummaryWriter(str(self.run_dir / "tensorboard" / split))
             self._metrics = open(self.run_dir / "metrics.jsonl", "a")
 
     def write(self, step: int, epoch: int, split: str, metrics: dict) -> None:
         if not self.enabled:
             return
+        if split not in self._writers:
+            self._writers[split] = self._summary_writer(split)
+        writer = self._writers[split]
         record = {"step": int(step), "epoch": int(epoch), "split": split}
         for name, value in metrics.items():
             if isinstance(value, (int, float)):
                 record[name] = None if isinstance(value, float) and math.isnan(value) else value
                 if record[name] is not None:
-                    self._writer.add_scalar(f"{split}/{name}", value, step)
+                    writer.add_scalar(name, value, step)
             else:
                 record[name] = value
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
-        self._writer.flush()
+        writer.flush()
+
+    def write_text(self, name: str, metrics: dict) -> None:
+        """A small human-readable metrics file in the run directory (e.g. final_metrics.txt)."""
+        if self.enabled:
+            lines = [f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}" for k, v in metrics.items()]
+            (self.run_dir / name).write_text("\n".join(lines) + "\n")
 
     def close(self) -> None:
         if self.enabled:
             self._metrics.close()
-            self._writer.close()
+            for writer in self._writers.values():
+                writer.close()
             logging.getLogger("segjax").removeHandler(self._file_handler)
             self._file_handler.close()
