@@ -51,10 +51,13 @@ class TrainConfig:
     eval_at_start: bool = False  # validate the untrained model too, as a baseline
     max_bad_record_ratio: float = 0.05  # stop when more records than this are unreadable
     max_nonfinite_steps: int = 20  # stop after this many steps with a NaN/inf loss (skipped)
-    run_root: str = "runs"  # runs go to <run_root>/<experiment>/<timestamp>/
+    run_root: str = "runs"
+    # Run directory under run_root; fields: {experiment}, {model} (model.name), {metric}, {timestamp}.
+    run_name: str = "{experiment}/{timestamp}"
+    checkpoint_subdir: str = "checkpoints"
     resume: str = ""  # run dir / checkpoint dir / "latest": continue exactly
     resume_epochs: int = 0  # with resume: train this many epochs beyond the checkpoint
-    init_from: str = ""  # segjax checkpoint to load weights from (no optimizer, no data state)
+    init_from: str = ""  # run/checkpoint to load weights from (no optimizer, no data state); "latest" = newest run
     test_only: bool = False  # only validate the checkpoint given by resume / init_from
 
 
@@ -97,6 +100,10 @@ ALIASES = {
     "val_ann": "data.val_ann",
     "train_img_dir": "data.train_img_dir",
     "val_img_dir": "data.val_img_dir",
+    "train_mask_dir": "data.train_mask_dir",
+    "val_mask_dir": "data.val_mask_dir",
+    "data_root": "data.data_root",
+    "backbone": "model.name",
 }
 
 def builtin_experiments() -> list[str]:

@@ -21,9 +21,10 @@ from tqdm import tqdm
 from segjax import config as config_lib
 from segjax import tasks
 from segjax.data import pipeline
+from segjax.data.errors import DataError
 from segjax.engine import mesh as mesh_lib
 from segjax.engine import steps as steps_lib
-from segjax.engine.checkpoint import Checkpointer, find_checkpoint_dir
+from segjax.engine.checkpoint import Checkpointer, find_checkpoint_dir, latest_run
 from segjax.engine.runlog import RunLog, setup_console_logging
 
 log = logging.getLogger("segjax")
@@ -52,6 +53,12 @@ def build_parser(cfg: config_lib.Config | None) -> argparse.ArgumentParser:
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_OR_CHECKPOINT",
                         help="continue a run exactly; no value = the latest run of this experiment")
     parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+    module = config_lib.experiment_module(cfg.experiment) if cfg is not None else None
+    if getattr(module, "MODES", None):
+        parser.add_argument("--mode", choices=list(module.MODES), help="a named set of overrides of the experiment")
+    if cfg is not None and config_lib.has_path(cfg, "model.name"):
+        parser.add_argument("--models", nargs="+", metavar="NAME", default=list(getattr(module, "MODELS", [])),
+                            help="train these models one after the other (model.name)")
     group = parser.add_argument_group("multi-host (see README)")
     group.add_argument("--coordinator_address", help="host:port of process 0; omit to auto-detect SLURM/MPI")
     group.add_argument("--num_processes", type=int)
@@ -81,14 +88,6 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, str]]:
     return pairs
 
 
-def latest_run(run_root: str, experiment: str) -> Path:
-    root = Path(run_root) / Path(experiment).stem
-    runs = sorted(p.parent for p in root.glob("*/checkpoints") if any(p.iterdir()))
-    if not runs:
-        raise FileNotFoundError(f"--resume: no run with checkpoints under {root}")
-    return runs[-1]
-
-
 def resolve_config(argv: list[str], *, demo: bool = True) -> tuple[config_lib.Config, argparse.Namespace]:
     """The config a command line asks for: experiment (or the resumed run's saved config),
     demo overrides when no data is given (unless `demo` is False), then aliases and --set, validated."""
@@ -108,11 +107,12 @@ def resolve_config(argv: list[str], *, demo: bool = True) -> tuple[config_lib.Co
         checkpointer.close()
         cfg = _apply(cfg, overrides + [("train.resume", str(ckpt_dir))])
     else:
-        cfg = _apply(base, overrides)
-        module = tasks.task_module(cfg.task)
-        if demo and not module.has_data(cfg.data):
-            demo = getattr(config_lib.experiment_module(pre.experiment), "DEMO_OVERRIDES", {})
-            cfg = _apply(_apply(base, list(demo.items())), overrides)
+        # Order of precedence: experiment < demo overrides (no data given) < --mode < command line.
+        experiment = config_lib.experiment_module(pre.experiment)
+        mode = list(experiment.MODES[args.mode].items()) if getattr(args, "mode", None) else []
+        cfg = _apply(base, mode + overrides)
+        if demo and not tasks.task_module(cfg.task).has_data(cfg.data):
+            cfg = _apply(base, list(getattr(experiment, "DEMO_OVERRIDES", {}).items()) + mode + overrides)
     tasks.task_module(cfg.task).validate(cfg)
     return config_lib.validate(cfg), args
 
@@ -120,7 +120,7 @@ def resolve_config(argv: list[str], *, demo: bool = True) -> tuple[config_lib.Co
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def _new_run_dir(cfg: config_lib.Config) -> Path:
+def _new_run_dir(cfg: config_lib.Config, metric: str) -> Path:
     now = datetime.datetime.now()
     # Every process must write into the same directory: process 0's clock decides. (Two int32s:
     # without x64 mode JAX would truncate one int64.)
@@ -129,11 +129,13 @@ def _new_run_dir(cfg: config_lib.Config) -> Path:
         from jax.experimental import multihost_utils
 
         stamp = multihost_utils.broadcast_one_to_all(stamp)
-    name = f"{int(stamp[0]):08d}-{int(stamp[1]):06d}"
-    run_dir = Path(cfg.train.run_root) / Path(cfg.experiment).stem / name
+    timestamp = f"{int(stamp[0]):08d}-{int(stamp[1]):06d}"
+    name = cfg.train.run_name.format(experiment=Path(cfg.experiment).stem, model=getattr(cfg.model, "name", "model"),
+                                     metric=metric, timestamp=timestamp)
+    run_dir = Path(cfg.train.run_root) / name
     suffix = 1
     while run_dir.exists() and jax.process_count() == 1:
-        run_dir = run_dir.with_name(f"{name}-{suffix}")
+        run_dir = run_dir.with_name(f"{Path(name).name}-{suffix}")
         suffix += 1
     return run_dir.absolute()
 
@@ -219,7 +221,7 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
     mesh = mesh_lib.make_data_mesh()
     local_batch = mesh_lib.check_batch_size(cfg.train.batch_size, mesh)
     resume_dir = Path(cfg.train.resume) if cfg.train.resume else None
-    run_dir = resume_dir.parent if resume_dir and not cfg.train.test_only else _new_run_dir(cfg)
+    run_dir = resume_dir.parent if resume_dir and not cfg.train.test_only else _new_run_dir(cfg, task.best_metric)
     runlog = RunLog(run_dir)
     if runlog.enabled:
         config_lib.save(cfg, run_dir / "config.json")
@@ -236,7 +238,7 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
     # --- Model and optimizer (replicated over the mesh) --------------------------------------------
     start_epoch, step = 0, 0
     total_epochs = cfg.train.epochs
-    checkpointer = Checkpointer(run_dir / "checkpoints" if not resume_dir else resume_dir,
+    checkpointer = Checkpointer(run_dir / cfg.train.checkpoint_subdir if not resume_dir else resume_dir,
                                 best_metric=task.best_metric, best_mode=task.best_mode,
                                 read_only=cfg.train.test_only)
     resume_step = checkpointer.latest_step() if resume_dir else None
@@ -256,6 +258,8 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
         log.info("resumed from %s step %d (epoch %d done)", resume_dir, resume_step, start_epoch)
     elif cfg.train.init_from:
         source = cfg.train.init_from.removeprefix("segjax:")
+        if source == "latest":
+            source = latest_run(cfg.train.run_root, cfg.experiment)
         ckpt_dir, init_step = find_checkpoint_dir(source)
         init_ckpt = Checkpointer(ckpt_dir, read_only=True)
         init_step = init_step if init_step is not None else init_ckpt.best_step() or init_ckpt.latest_step()
@@ -356,16 +360,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(config_lib.to_json(cfg))
         return 0
-    summary = train_and_evaluate(cfg)
+    models = getattr(args, "models", None) or [None]
+    for name in models:
+        try:
+            model_cfg = cfg if name is None else config_lib.validate(config_lib.override(cfg, "model.name", name))
+            summary = train_and_evaluate(model_cfg)
+        except (config_lib.ConfigError, DataError) as e:  # found once the data is opened
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        _print_summary(summary, title="" if name is None else f" ({name})")
+    return 0
+
+
+def _print_summary(summary: dict, title: str) -> None:
     first, last = summary["first_val"], summary["last_val"]
     if last:
-        keys = [k for k in last if k.startswith("iou_") or k in ("miou", "loss")]
-        print("\nvalidation     " + " ".join(f"{k:>16}" for k in keys))
+        per_class = [k for k in last if k.startswith("iou_")]
+        keys = ["loss", "miou", "pixel_accuracy"] + (per_class if len(per_class) <= 4 else [])
+        print(f"\nvalidation{title}\n{'':8}" + " ".join(f"{k:>16}" for k in keys))
         if first is not last and first is not None:
-            print("first          " + " ".join(f"{first[k]:16.4f}" for k in keys))
-        print("final          " + " ".join(f"{last[k]:16.4f}" for k in keys))
+            print(f"{'first':8}" + " ".join(f"{first[k]:16.4f}" for k in keys))
+        print(f"{'final':8}" + " ".join(f"{last[k]:16.4f}" for k in keys))
     print(f"run directory: {summary['run_dir']}")
-    return 0
 
 
 if __name__ == "__main__":

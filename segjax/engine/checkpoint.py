@@ -5,6 +5,7 @@ temporary directory and renames it when complete, so a save killed midway is nev
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grain
@@ -74,13 +75,38 @@ class Checkpointer:
         self.manager.close()
 
 
+def checkpoint_subdir(run_dir: Path) -> str:
+    """The checkpoint directory's name recorded in a run's config.json (default `checkpoints`)."""
+    try:
+        return json.loads((run_dir / "config.json").read_text())["train"]["checkpoint_subdir"]
+    except (OSError, ValueError, KeyError):
+        return "checkpoints"
+
+
 def find_checkpoint_dir(path: str | Path) -> tuple[Path, int | None]:
-    """Accepts a run directory, its `checkpoints/` directory or one step directory inside it."""
+    """Accepts a run directory, its checkpoint directory or one step directory inside it."""
     path = Path(path).absolute()
-    if (path / "checkpoints").is_dir():
-        return path / "checkpoints", None
+    if (path / checkpoint_subdir(path)).is_dir():
+        return path / checkpoint_subdir(path), None
     if path.name.isdigit() and path.parent.is_dir():
         return path.parent, int(path.name)
     if path.is_dir():
         return path, None
-    raise FileNotFoundError(f"no checkpoint at {path} (give a run directory, its checkpoints/ or a step directory)")
+    raise FileNotFoundError(f"no checkpoint at {path} (give a run directory, its checkpoint directory or a step)")
+
+
+def latest_run(run_root: str | Path, experiment: str) -> Path:
+    """The newest run directory of `experiment` under `run_root` that holds a complete checkpoint."""
+    runs = []
+    for config_file in Path(run_root).glob("**/config.json"):
+        run_dir = config_file.parent
+        try:
+            same = json.loads(config_file.read_text()).get("experiment") == experiment
+        except (OSError, ValueError):
+            continue
+        ckpt_dir = run_dir / checkpoint_subdir(run_dir)
+        if same and ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+            runs.append(run_dir)
+    if not runs:
+        raise FileNotFoundError(f"no run of {experiment!r} with checkpoints under {Path(run_root).absolute()}")
+    return max(runs, key=lambda p: (p / "config.json").stat().st_mtime)

@@ -28,6 +28,19 @@ def imagenet_normalize(images: jax.Array) -> jax.Array:
     return (images - jnp.array(IMAGENET_MEAN)) / jnp.array(IMAGENET_STD)
 
 
+def max_pool2d(x: jax.Array, kernel_size: int, strides: int, padding: int = 0) -> jax.Array:
+    """PyTorch's `MaxPool2d(kernel_size, strides, padding)` on NHWC.
+
+    Padded cells are -inf, as in PyTorch. The padding is an explicit pad before a VALID pool
+    because jax2onnx drops `max_pool`'s own padding (wrong output shape).
+    """
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+                    constant_values=-jnp.inf)
+    return nnx.max_pool(x, window_shape=(kernel_size, kernel_size), strides=(strides, strides),
+                        padding="VALID")
+
+
 def batch_norm(
     num_features: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs,
 ) -> nnx.BatchNorm:
