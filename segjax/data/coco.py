@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Container, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,6 @@ from pycocotools import mask as mask_utils
 from segjax.data.errors import DataError, SkipReport
 from segjax.data.images import BadImage, read_rgb_sized, resize_letterbox
 # One of the skip reasons below (decoded image size differs from the JSON size), kept importable here.
-from segjax.data.images import SIZE_MISMATCH  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +177,20 @@ def _clean_box(bbox: Any, height: int, width: int) -> list[float] | None:
     return [x1, y1, x2 - x1, y2 - y1]
 
 
+def annotations_with_images(data: dict[str, Any], category_ids: Container[int],
+                            report: SkipReport) -> Iterator[tuple[dict, dict]]:
+    """(annotation, its image entry) pairs; annotations of unknown images or categories are counted."""
+    images = {image["id"]: image for image in data["images"]}
+    for ann in data["annotations"]:
+        image = images.get(ann["image_id"])
+        if image is None:
+            report.add(UNKNOWN_IMAGE, ann["id"])
+        elif ann["category_id"] not in category_ids:
+            report.add(UNKNOWN_CATEGORY, ann["id"])
+        else:
+            yield ann, image
+
+
 def load_person_index(
     ann_file: str | os.PathLike, img_dir: str | os.PathLike, *, require_persons: bool = True
 ) -> tuple[list[PersonImage], SkipReport]:
@@ -191,20 +204,12 @@ def load_person_index(
         raise DataError(f"image directory not found: {img_dir}")
     person_ids = person_category_ids(data, ann_file)
     category_ids = {c["id"] for c in data["categories"]}
-    images = {image["id"]: image for image in data["images"]}
     report = SkipReport()
     persons: dict[int, list[dict]] = defaultdict(list)
     crowds: dict[int, list[dict]] = defaultdict(list)
 
-    for ann in data["annotations"]:
+    for ann, image in annotations_with_images(data, category_ids, report):
         ann_id = ann["id"]
-        image = images.get(ann["image_id"])
-        if image is None:
-            report.add(UNKNOWN_IMAGE, ann_id)
-            continue
-        if ann["category_id"] not in category_ids:
-            report.add(UNKNOWN_CATEGORY, ann_id)
-            continue
         if ann["category_id"] not in person_ids:
             continue
         if "segmentation" not in ann:

@@ -17,8 +17,7 @@ from pycocotools import mask as mask_utils
 from segjax.data.coco import (
     IMAGE_MISSING,
     NO_SEGMENTATION,
-    UNKNOWN_CATEGORY,
-    UNKNOWN_IMAGE,
+    annotations_with_images,
     clean_segmentation,
     read_instances,
     to_rle,
@@ -57,17 +56,9 @@ def _class_ranks(names: Sequence[str], class_priority: Sequence[str] | None) -> 
 def _usable_annotations(data: dict[str, Any], class_index: dict[int, int], crowd: str,
                         report: SkipReport) -> dict[int, list[tuple[int, Any, bool]]]:
     """image id -> [(class index, cleaned segmentation, iscrowd)]; every dropped annotation is counted."""
-    images = {image["id"]: image for image in data["images"]}
     usable: dict[int, list[tuple[int, Any, bool]]] = defaultdict(list)
-    for ann in data["annotations"]:
+    for ann, image in annotations_with_images(data, class_index, report):
         ann_id = ann["id"]
-        image = images.get(ann["image_id"])
-        if image is None:
-            report.add(UNKNOWN_IMAGE, ann_id)
-            continue
-        if ann["category_id"] not in class_index:
-            report.add(UNKNOWN_CATEGORY, ann_id)
-            continue
         iscrowd = bool(ann.get("iscrowd", 0))
         if iscrowd and crowd == "skip":
             report.add(CROWD_SKIPPED, ann_id)
