@@ -35,7 +35,7 @@ DEMO_OVERRIDES = {
     "data.crop_size": "96",
     "data.eval_size": "128",
     "optim.lr": "3e-3",
-    "train.epochs": "8",
+    "train.epochs": "20",
     "train.batch_size": "8",
     "train.num_workers": "0",
     "train.eval_at_start": "true",

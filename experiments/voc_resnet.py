@@ -34,7 +34,7 @@ DEMO_OVERRIDES = {
     "data.crop_size": "96",
     "data.eval_size": "128",
     "optim.lr": "0.05",
-    "train.epochs": "10",
+    "train.epochs": "30",
     "train.batch_size": "8",
     "train.num_workers": "0",
     "train.eval_at_start": "true",

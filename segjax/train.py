@@ -208,6 +208,21 @@ def build_state(task, mesh: jax.sharding.Mesh, steps_per_epoch: int, epochs: int
     return ModelSetup(model_def, eval_def, opt_def, model_state, opt_state, shardings, schedule, num_params)
 
 
+def _torch_weights(task, setup: ModelSetup, model_state: nnx.State, path: str) -> nnx.State:
+    """The model state with a PyTorch state dict imported by the task's scheme (segjax.bridge)."""
+    from segjax import bridge  # torch is imported only when a .pt/.pth file is read
+
+    target = task.torch_weights()
+    if target is None:
+        raise config_lib.ConfigError(f"{task.cfg.experiment}: this model has no PyTorch original to import from")
+    scheme, submodule = target
+    model = nnx.merge(setup.model_def, model_state)
+    bridge.import_torch_weights(getattr(model, submodule) if submodule else model,
+                                bridge.load_torch_state_dict(path), scheme)
+    log.info("initialised %s from PyTorch weights %s (scheme %s)", submodule or "the model", path, scheme)
+    return nnx.state(model)
+
+
 def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None = None) -> dict:
     """Trains and validates as `cfg` says; returns a summary (run dir, first and last metrics).
 
@@ -256,6 +271,9 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
         opt_state = restored_opt if restored_opt is not None else opt_state
         start_epoch, step = meta["epoch"], meta["step"]
         log.info("resumed from %s step %d (epoch %d done)", resume_dir, resume_step, start_epoch)
+    elif cfg.train.init_from.startswith("torch:"):
+        model_state = jax.device_put(_torch_weights(task, setup, model_state, cfg.train.init_from[6:]),
+                                     mesh_lib.replicated(mesh))
     elif cfg.train.init_from:
         source = cfg.train.init_from.removeprefix("segjax:")
         if source == "latest":
@@ -285,6 +303,7 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
     summary = {"run_dir": str(run_dir), "first_val": None, "last_val": None, "epochs": total_epochs}
     if cfg.train.test_only:
         summary["first_val"] = summary["last_val"] = validate(start_epoch)
+        summary["model_state"] = model_state
         runlog.close()
         checkpointer.close()
         return summary

@@ -92,3 +92,23 @@ def test_class_count_mismatch_is_a_clear_error(tmp_path, capsys):
             "--set", "data.num_classes=5", "--checkpoint_dir", str(tmp_path / "runs")]
     assert main(argv) == 2
     assert "data.num_classes is 5 but the data has 7 classes" in capsys.readouterr().err
+
+
+def test_init_from_torch_state_dict(voc, tmp_path):
+    import torch
+    from flax import nnx
+
+    from segjax.bridge import to_torch_state_dict
+    from segjax.models.resnet import ResNet18
+
+    source = ResNet18(rngs=nnx.Rngs(7))  # stands in for an ImageNet torchvision resnet18 file
+    path = tmp_path / "resnet18.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in to_torch_state_dict(source, "torchvision_resnet").items()}, path)
+    out = run(["--experiment", "voc_resnet", "--data_root", str(voc), *TINY, "--set", "model.size=full",
+               "--backbone", "resnet18", "--test_only", "--init_from", f"torch:{path}",
+               "--checkpoint_dir", str(tmp_path)])
+    encoder = out["model_state"]["encoder"]
+    np.testing.assert_array_equal(np.asarray(encoder["conv1"]["kernel"][...]), np.asarray(source.conv1.kernel[...]))
+    np.testing.assert_array_equal(np.asarray(encoder["layer4"][1]["bn2"]["mean"][...]),
+                                  np.asarray(source.layer4[1].bn2.mean[...]))
+    assert np.isfinite(out["last_val"]["loss"])

@@ -162,6 +162,10 @@ class Task:
         return np.asarray(stats["class_weights"], np.float32)
 
     # --- model ---
+    def torch_weights(self) -> None:
+        """No PyTorch original: the head and built-in backbone are trained here."""
+        return None
+
     def build_model(self, rngs: nnx.Rngs) -> RoiHumanModel:
         m = self.cfg.model
         precision = dict(dtype=self.compute_dtype, param_dtype=jnp.float32, rngs=rngs)
@@ -247,6 +251,32 @@ class Task:
                 Image.fromarray(np.concatenate(panels, axis=1)).save(path)
                 written.append(path)
         return written
+
+    # --- export (segjax.export.onnx) ---
+    def export_signature(self, variant: str = "default") -> tuple[list[tuple[str, tuple]], list[str]]:
+        """The PyTorch original's ONNX interface: "default" is the head alone on stride-8 features
+        (`features [N, C, S/8, S/8]`, as the frozen extractor gives them), "end_to_end" the head on
+        the built-in backbone (`images [N, 3, S, S]`); both take `rois [K, 5]` and give
+        `masks [K, 3, 56, 56]`. S is data.image_size."""
+        size = self.cfg.data.image_size
+        if variant == "default":
+            side = -(-size // 8)
+            first = ("features", ("N", self.cfg.model.feature_channels, side, side))
+        elif variant == "end_to_end":
+            if self.extractor is not None:
+                raise ValueError("variant 'end_to_end' needs the built-in backbone, but this model reads features "
+                                 f"from the ONNX extractor {self.cfg.data.extractor_onnx}")
+            first = ("images", ("N", 3, size, size))
+        else:
+            raise ValueError(f"unknown export variant {variant!r}; choose one of ['default', 'end_to_end']")
+        return [first, ("rois", ("K", 5))], ["masks"]
+
+    def export_forward(self, model: RoiHumanModel, inputs: jax.Array, rois: jax.Array, *,
+                       variant: str = "default") -> tuple[jax.Array]:
+        """NCHW features (or images in [0, 1] for "end_to_end") and rois -> (masks NCHW,)."""
+        x = jnp.moveaxis(inputs, 1, -1)
+        masks = model.head(x, rois) if variant == "default" else model(x, rois)
+        return (jnp.moveaxis(masks, -1, 1),)
 
 
 def overlay_roi_prediction(image: np.ndarray, box: np.ndarray, pred: np.ndarray, alpha: float = 0.5) -> np.ndarray:

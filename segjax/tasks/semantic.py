@@ -28,6 +28,17 @@ from segjax.models.semantic import SEMANTIC_MODELS
 log = logging.getLogger("segjax")
 
 
+# PyTorch originals whose state dicts `--init_from torch:PATH` reads (see segjax.bridge): the
+# voc_resnet models take an ImageNet ResNet into their encoder, the others a whole model.
+TORCH_WEIGHTS = {
+    "resnet18": ("torchvision_resnet", "encoder"),
+    "resnet34": ("torchvision_resnet", "encoder"),
+    "resnet50": ("torchvision_resnet", "encoder"),
+    "unet": ("smp_unet", ""),
+    "deeplabv3": ("torchvision_deeplabv3", ""),
+}
+
+
 @dataclass(frozen=True)
 class SemanticDataConfig:
     layout: Literal["voc", "folders"] = "voc"
@@ -154,6 +165,10 @@ class Task:
         log.info("%d training and %d validation images, %d classes", len(self.train_pairs), len(self.val_pairs),
                  len(self.class_names))
 
+    def torch_weights(self) -> tuple[str, str] | None:
+        """(bridge scheme, submodule it fills) for `--init_from torch:PATH`; None if no original."""
+        return TORCH_WEIGHTS.get(self.cfg.model.name)
+
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         m = self.cfg.model
         return SEMANTIC_MODELS[m.name](len(self.class_names), size=m.size, dtype=self.compute_dtype,
@@ -224,3 +239,15 @@ class Task:
             Image.fromarray(np.concatenate(panels, axis=1).astype(np.uint8)).save(path)
             written.append(path)
         return written
+
+    # --- export (segjax.export.onnx) ---
+    def export_signature(self, variant: str = "default") -> tuple[list[tuple[str, tuple]], list[str]]:
+        """`images [B, 3, S, S]` -> `logits [B, classes, S, S]`, S = data.eval_size."""
+        if variant != "default":
+            raise ValueError(f"unknown export variant {variant!r}; choose one of ['default']")
+        size = self.cfg.data.eval_size
+        return [("images", ("B", 3, size, size))], ["logits"]
+
+    def export_forward(self, model: nnx.Module, images: jax.Array) -> tuple[jax.Array]:
+        """NCHW images in [0, 1] -> (logits NCHW,)."""
+        return (jnp.moveaxis(model(jnp.moveaxis(images, 1, -1)), -1, 1),)
