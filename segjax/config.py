@@ -103,6 +103,7 @@ ALIASES = {
     "train_mask_dir": "data.train_mask_dir",
     "val_mask_dir": "data.val_mask_dir",
     "data_root": "data.data_root",
+    "data_dir": "data.data_dir",
     "backbone": "model.name",
 }
 

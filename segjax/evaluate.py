@@ -10,6 +10,8 @@ import glob
 import json
 import math
 import sys
+import typing
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -24,8 +26,21 @@ from segjax.engine.runlog import setup_console_logging
 from segjax.train import validate_model
 
 
-def evaluate_checkpoint(path: str | Path, *, visualize: bool = True, overrides: list[str] = ()) -> dict:
-    """Validates one checkpoint with the config saved in it; returns its metrics and identity."""
+class Restored(typing.NamedTuple):
+    task: object  # built from the config saved in the checkpoint
+    graphdef: nnx.GraphDef  # eval mode: BatchNorm running averages, dropout off
+    state: nnx.State
+    ckpt_dir: Path
+    step: int
+    meta: dict
+
+
+def restore_model(path: str | Path, *, overrides: Sequence[str] = (), sharding=None) -> Restored:
+    """A checkpoint's model (its best step, else its latest) with the task its saved config builds.
+
+    `overrides` are `key=value` config changes; `sharding` places the weights (default: the
+    first local device).
+    """
     ckpt_dir, step = find_checkpoint_dir(path)
     checkpointer = Checkpointer(ckpt_dir, read_only=True)
     step = step if step is not None else (checkpointer.best_step() or checkpointer.latest_step())
@@ -36,23 +51,31 @@ def evaluate_checkpoint(path: str | Path, *, visualize: bool = True, overrides: 
         key, _, value = item.partition("=")
         cfg = config_lib.override(cfg, key.strip(), value.strip())
     task = tasks.build(cfg)
-    mesh = mesh_lib.make_data_mesh()
     model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))  # shapes only: weights come from the checkpoint
     model.eval()
-    eval_def, abstract_state = nnx.split(model)
-    replicated = mesh_lib.replicated(mesh)
-    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state)
+    graphdef, abstract_state = nnx.split(model)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state)
     state, _, meta = checkpointer.restore(step, abstract_state)
     checkpointer.close()
-    eval_step = steps_lib.make_eval_step(eval_def, task.loss_and_sums)
+    return Restored(task, graphdef, state, ckpt_dir, step, meta)
+
+
+def evaluate_checkpoint(path: str | Path, *, visualize: bool = True, overrides: list[str] = ()) -> dict:
+    """Validates one checkpoint with the config saved in it; returns its metrics and identity."""
+    mesh = mesh_lib.make_data_mesh()
+    restored = restore_model(path, overrides=overrides, sharding=mesh_lib.replicated(mesh))
+    task, step, ckpt_dir = restored.task, restored.step, restored.ckpt_dir
+    cfg = task.cfg
+    eval_step = steps_lib.make_eval_step(restored.graphdef, task.loss_and_sums)
     out_dir = ckpt_dir.parent / "visualizations" / f"eval_step{step}"
 
     def draw(batch, outputs):
         if visualize and jax.process_index() == 0:
             task.visualize(batch, mesh_lib.to_local(outputs, mesh), out_dir, f"step{step}", cfg.train.num_visualizations)
 
-    metrics = validate_model(task, eval_step, state, mesh, cfg, on_first_batch=draw)
-    return {"checkpoint": str(ckpt_dir / str(step)), "epoch": meta["epoch"], "step": step,
+    metrics = validate_model(task, eval_step, restored.state, mesh, cfg, on_first_batch=draw)
+    return {"checkpoint": str(ckpt_dir / str(step)), "epoch": restored.meta["epoch"], "step": step,
             "best_metric": task.best_metric, "best_mode": task.best_mode, "metrics": metrics}
 
 

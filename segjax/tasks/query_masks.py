@@ -1,0 +1,311 @@
+"""Portrait masks from a query-based model (the `hybrid_p3m` experiment).
+
+Data are square memmaps prepared by `tools/prepare_p3m.py` from P3M-10k (+ Supervisely Person), or
+the original PyTorch pipeline's float16 files, one person mask per image. The model predicts
+`num_queries` (class, mask) pairs; class 0 is "person" and index 1 "no object". Training uses the
+set-prediction loss with each image's mask as its single target.
+
+Metric rule: the combined prediction of an image is, per pixel, the max over the queries whose
+person probability exceeds `loss.score_threshold` of sigmoid(mask logit) × person probability;
+pixels above 0.5 are person. A 2-class (background / person) confusion matrix of that against
+the ground truth gives mIoU, per-class IoU, pixel accuracy and Dice. Letterbox padding counts as
+background, as in the prepared files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from segjax import losses, metrics
+from segjax.config import ConfigError
+from segjax.data import demo
+from segjax.data.demo_portrait import prepare_portrait_demo
+from segjax.data.errors import DataError
+from segjax.data.memmap import _STORAGE, _storage_names, MemmapSource, augment_portrait, eval_portrait
+from segjax.models.hybrid import HYBRID_FULL, HYBRID_TINY, HybridQueryModel
+
+log = logging.getLogger("segjax")
+
+CLASS_NAMES = ("background", "person")  # of the metrics; the model's classes are ("person",)
+PERSON = 0  # the model's class index of "person"; num_classes=1, so "no object" is 1
+MODEL_VARIANTS = {"full": HYBRID_FULL, "tiny": HYBRID_TINY}
+_MEMMAP_KEYS = ("train_images", "train_masks", "val_images", "val_masks")
+
+
+@dataclass(frozen=True)
+class QueryMaskDataConfig:
+    # Folder of memmaps from tools/prepare_p3m.py: {split}_{image_size}_{u8|fp16}_{images,masks}.mmap.
+    # Empty with no explicit files below = the portrait demo, prepared by the same code.
+    data_dir: str = ""
+    # Explicit memmap files (e.g. the original PyTorch pipeline's); each takes precedence over data_dir.
+    train_images: str = ""
+    train_masks: str = ""
+    val_images: str = ""
+    val_masks: str = ""
+    # How files without a .json sidecar are stored; empty = from the sidecar, or from the file-name
+    # tag in data_dir (u8: uint8 NHWC, fp16: float16 NCHW, the original pipeline's format).
+    memmap_dtype: Literal["", "uint8", "float16", "float32"] = ""
+    memmap_layout: Literal["", "NHWC", "NCHW"] = ""
+    image_size: int = 640  # model input side; the memmaps' records must have this size
+    flip: bool = True  # training augmentation (segjax.data.memmap.augment_portrait)
+    scale_min: float = 0.75  # zoom about the centre, drawn from [scale_min, scale_max]
+    scale_max: float = 1.25
+    color_jitter: float = 0.2  # brightness/contrast/saturation factors within 1 ± this
+    overfit_one: bool = False  # sanity check: train and validate on the first training record only
+    demo_root: str = ""  # where demo data is written; default ~/.cache/segjax/demo
+
+
+@dataclass(frozen=True)
+class QueryMaskModelConfig:
+    """HybridQueryModel arguments; None takes the value of the `size` variant (HYBRID_FULL/TINY)."""
+
+    size: Literal["full", "tiny"] = "full"
+    backbone_depths: tuple[int, ...] | None = None
+    backbone_widths: tuple[int, ...] | None = None
+    backbone_stem_width: int | None = None
+    backbone_negative_slope: float | None = None  # None = 0.1; timm's darknet53 uses 0.01
+    fpn_channels: int | None = None
+    num_queries: int | None = None
+    d_model: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    dim_feedforward: int | None = None
+    dropout_rate: float | None = None
+
+
+@dataclass(frozen=True)
+class QueryMaskLossConfig:
+    # segjax.losses.set_prediction_loss weights (the same weights enter the matching cost).
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1  # class weight of "no object" in the classification loss
+    cost_size: int = 0  # matching cost on masks resized to this square (saves memory); 0 = full size
+    match_method: Literal["optax", "scipy"] = "optax"
+    score_threshold: float = 0.5  # metrics: queries with a lower person probability are left out
+    best_metric: Literal["miou", "loss"] = "miou"  # the checkpoint kept as best: max mIoU or min loss
+
+
+def has_data(data: QueryMaskDataConfig) -> bool:
+    return bool(data.data_dir or any(getattr(data, k) for k in _MEMMAP_KEYS))
+
+
+def model_kwargs(model: QueryMaskModelConfig) -> dict:
+    """HybridQueryModel keyword arguments: the size variant with the config's explicit values."""
+    explicit = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+                if f.name != "size" and getattr(model, f.name) is not None}
+    return {**MODEL_VARIANTS[model.size], **explicit}
+
+
+def validate(cfg) -> None:
+    data, loss = cfg.data, cfg.loss
+    if data.image_size < 16:
+        raise ConfigError(f"data.image_size must be >= 16 (one decoder token at stride 16), got {data.image_size}")
+    if not 0 < data.scale_min <= data.scale_max:
+        raise ConfigError(f"need 0 < data.scale_min <= data.scale_max, got {data.scale_min}, {data.scale_max}")
+    if not 0 <= data.color_jitter < 1:
+        raise ConfigError(f"data.color_jitter must be within [0, 1), got {data.color_jitter}")
+    kwargs = model_kwargs(cfg.model)
+    if len(kwargs["backbone_depths"]) != 5 or len(kwargs["backbone_widths"]) != 5:
+        raise ConfigError(f"model.backbone_depths and model.backbone_widths need 5 stages, got "
+                          f"{kwargs['backbone_depths']} and {kwargs['backbone_widths']}")
+    if kwargs["d_model"] % 4 or kwargs["d_model"] % kwargs["num_heads"]:
+        raise ConfigError(f"model.d_model ({kwargs['d_model']}) must be a multiple of 4 (sine positions) "
+                          f"and of model.num_heads ({kwargs['num_heads']})")
+    for key in ("backbone_stem_width", "fpn_channels", "num_queries", "num_layers", "num_heads", "dim_feedforward"):
+        if kwargs[key] < 1:
+            raise ConfigError(f"model.{key} must be >= 1, got {kwargs[key]}")
+    if not 0 <= kwargs["dropout_rate"] < 1:
+        raise ConfigError(f"model.dropout_rate must be within [0, 1), got {kwargs['dropout_rate']}")
+    for key in ("class_weight", "mask_weight", "dice_weight", "no_object_weight", "cost_size"):
+        if getattr(loss, key) < 0:
+            raise ConfigError(f"loss.{key} must be >= 0, got {getattr(loss, key)}")
+    if not 0 <= loss.score_threshold < 1:
+        raise ConfigError(f"loss.score_threshold must be within [0, 1), got {loss.score_threshold}")
+
+
+def _prepared_memmaps(data_dir: Path, split: str, size: int) -> tuple[str, str, str]:
+    """(images, masks, dtype) of a split in a tools/prepare_p3m.py output folder; uint8 first."""
+    if not data_dir.is_dir():
+        raise DataError(f"data.data_dir {data_dir} is not a directory (give the --out_dir of tools/prepare_p3m.py)")
+    for dtype in _STORAGE:
+        images, masks = (data_dir / name for name in _storage_names(split, size, dtype))
+        if images.is_file():
+            return str(images), str(masks), dtype
+    found = sorted(p.name for p in data_dir.glob("*_images.mmap")) or "no memmaps"
+    raise DataError(f"{data_dir}: no {split} memmaps of size {size} ({', '.join(_storage_names(split, size, 'uint8'))} "
+                    f"or their fp16 versions); found {found}. Set data.image_size to the prepared size")
+
+
+def _resolve_data(data: QueryMaskDataConfig) -> QueryMaskDataConfig:
+    """Explicit memmap paths: the demo's when no data is given, else found in data_dir."""
+    if not has_data(data):
+        root = (Path(data.demo_root) if data.demo_root else demo.default_demo_root()) / "portrait"
+        paths = prepare_portrait_demo(root, root / f"memmaps_{data.image_size}", size=data.image_size)
+        log.info("no data given: using the demo portrait dataset at %s, prepared into memmaps", root)
+        return dataclasses.replace(data, **paths)
+    missing = [k for k in _MEMMAP_KEYS if not getattr(data, k)]
+    if missing and not data.data_dir:
+        raise DataError(f"give --data_dir, or all of data.{', data.'.join(_MEMMAP_KEYS)}; missing {missing}")
+    updates = {}
+    for split in sorted({k.split("_")[0] for k in missing}):
+        images, masks, dtype = _prepared_memmaps(Path(data.data_dir), split, data.image_size)
+        updates.update({k: v for k, v in ((f"{split}_images", images), (f"{split}_masks", masks)) if k in missing})
+        if not data.memmap_dtype:  # sidecar-less files of the original pipeline are known by their tag
+            updates.update(memmap_dtype=dtype, memmap_layout=_STORAGE[dtype][1])
+    return dataclasses.replace(data, **updates)
+
+
+def _fixed(record: dict, rng: np.random.Generator) -> dict:
+    del rng  # sanity mode: the same deterministic view every step
+    return eval_portrait(record)
+
+
+def combine_queries(pred_logits: jnp.ndarray, pred_masks: jnp.ndarray, class_index: int,
+                    score_threshold: float) -> jnp.ndarray:
+    """Per-pixel score [B, H, W] of one class: the max over the queries whose probability of that
+    class exceeds `score_threshold` of sigmoid(mask) × that probability (0 where none does)."""
+    probs = jax.nn.softmax(pred_logits.astype(jnp.float32), axis=-1)[..., class_index]
+    weight = jnp.where(probs > score_threshold, probs, 0.0)[..., None, None]
+    return jnp.max(weight * jax.nn.sigmoid(pred_masks.astype(jnp.float32)), axis=1)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, colour=(255, 0, 0), alpha: float = 0.5) -> np.ndarray:
+    """`image` with `colour` blended at `alpha` where `mask` is set."""
+    out = image.astype(np.float32)
+    out[mask > 0] = (1 - alpha) * out[mask > 0] + alpha * np.asarray(colour, np.float32)
+    return out.astype(np.uint8)
+
+
+class Task:
+    class_names = CLASS_NAMES
+
+    def __init__(self, cfg):
+        # Only paths are resolved here: the data are opened by train_data/val_data, so a model can
+        # be restored for prediction where the training data are absent.
+        self.cfg = cfg = dataclasses.replace(cfg, data=_resolve_data(cfg.data))
+        self.best_metric = cfg.loss.best_metric
+        self.best_mode = "min" if self.best_metric == "loss" else "max"
+        self.compute_dtype = jnp.bfloat16 if cfg.train.precision == "bf16" else jnp.float32
+        self._sources: dict[str, MemmapSource] = {}
+
+    def build_model(self, rngs: nnx.Rngs) -> HybridQueryModel:
+        return HybridQueryModel(1, **model_kwargs(self.cfg.model), dtype=self.compute_dtype,
+                                param_dtype=jnp.float32, rngs=rngs)
+
+    # --- data ---
+    def _source(self, split: str) -> MemmapSource:
+        """The split's memmaps, opened (and their sizes checked) on first use."""
+        if split not in self._sources:
+            data = self.cfg.data
+            self._sources[split] = source = MemmapSource(
+                getattr(data, f"{split}_images"), getattr(data, f"{split}_masks"), dtype=data.memmap_dtype or None,
+                layout=data.memmap_layout or None, size=data.image_size)
+            log.info("%s: %d records from %s", split, len(source), source.image_path)
+        return self._sources[split]
+
+    def train_data(self):
+        data = self.cfg.data
+        source = self._source("train")
+        if data.overfit_one:
+            # One record, repeated to fill a batch: training should drive its loss towards zero.
+            return [source[0]] * self.cfg.train.batch_size, _fixed
+        return source, functools.partial(augment_portrait, flip=data.flip, scale=(data.scale_min, data.scale_max),
+                                         color_jitter=data.color_jitter)
+
+    def val_data(self):
+        source = self._source("train" if self.cfg.data.overfit_one else "val")
+        return ([source[0]] if self.cfg.data.overfit_one else source), eval_portrait
+
+    # --- loss and metrics (inside jit) ---
+    def _image_loss(self, logits, masks, target, target_valid):
+        """set_prediction_loss of one image whose single target is its person mask."""
+        loss_cfg = self.cfg.loss
+        return losses.set_prediction_loss(
+            logits[None], masks[None], target[None, None], jnp.full((1, 1), PERSON, jnp.int32),
+            target_valid[None, None],
+            no_object_weight=loss_cfg.no_object_weight, class_weight=loss_cfg.class_weight,
+            mask_weight=loss_cfg.mask_weight, dice_weight=loss_cfg.dice_weight,
+            cost_size=(loss_cfg.cost_size,) * 2 if loss_cfg.cost_size else None, match_method=loss_cfg.match_method)
+
+    def loss_and_sums(self, model: HybridQueryModel, batch: dict):
+        out = model(batch["image"].astype(self.compute_dtype) / 255.0)  # uint8 travels, device normalises
+        logits = out["pred_logits"].astype(jnp.float32)
+        masks = out["pred_masks"].astype(jnp.float32)
+        image_ok = batch["valid"] & batch["image_ok"]
+        target = batch["mask"].astype(jnp.float32)
+        # An image without person pixels has no target: all its queries learn "no object".
+        target_valid = image_ok & (target.sum(axis=(1, 2)) > 0)
+        # Per image, so that padded and unreadable examples drop out of every term, the
+        # classification included; the batch loss is the mean over usable images. With one target
+        # per image this equals the batch-normalised DETR loss whenever every image has a person.
+        per_image, parts = jax.vmap(self._image_loss)(logits, masks, target, target_valid)
+        count = image_ok.sum()
+        total = lambda x: jnp.where(image_ok, x, 0.0).sum()  # noqa: E731
+        loss = total(per_image) / jnp.maximum(count, 1)
+        pred = combine_queries(logits, masks, PERSON, self.cfg.loss.score_threshold) > 0.5
+        sums = {
+            "count": count,
+            "loss": total(per_image),
+            **{name: total(parts[name]) for name in ("loss_class", "loss_mask", "loss_dice")},
+            "confusion": metrics.confusion_matrix(batch["mask"], pred, len(CLASS_NAMES), image_ok[:, None, None]),
+            "records": batch["valid"].sum(),
+            "bad_records": (batch["valid"] & ~batch["image_ok"]).sum(),
+        }
+        return loss, (sums, {"pred": pred.astype(jnp.uint8)})
+
+    def summarize(self, sums: dict) -> dict:
+        count = max(float(sums["count"]), 1.0)
+        out = {name: float(sums[name]) / count for name in ("loss", "loss_class", "loss_mask", "loss_dice")}
+        out.update(metrics.summarize_confusion(sums["confusion"], list(CLASS_NAMES)))
+        out["dice"] = out["mdice"]
+        out["dice_person"] = 2 * out["iou_person"] / (1 + out["iou_person"])  # binary Dice from IoU
+        out["images"] = int(sums["count"])
+        return out
+
+    # --- visualisation (host) ---
+    def visualize(self, batch: dict, outputs: dict, out_dir: Path, tag: str, limit: int) -> list[Path]:
+        """`prediction_<tag>_<n>.png`: image | ground truth | prediction, person in red."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for n, i in enumerate(np.flatnonzero(batch["valid"] & batch["image_ok"])[:limit]):
+            image = batch["image"][i]
+            panels = [image, overlay(image, batch["mask"][i]), overlay(image, outputs["pred"][i])]
+            path = out_dir / f"prediction_{tag}_{n}.png"
+            Image.fromarray(np.concatenate(panels, axis=1)).save(path)
+            written.append(path)
+        return written
+
+    # --- inference and export (segjax.predict, ONNX export) ---
+    def export_signature(self, variant: str = "default") -> tuple[list[tuple[str, tuple]], list[str]]:
+        """ONNX inputs as (name, shape), string dims dynamic, and output names (PyTorch's)."""
+        if variant != "default":
+            raise ValueError(f"unknown export variant {variant!r}; choose one of ['default']")
+        size = self.cfg.data.image_size
+        return [("images", ("B", 3, size, size))], ["pred_logits", "pred_masks"]
+
+    def export_forward(self, model: HybridQueryModel, images_nchw: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """NCHW float32 images in [0, 1] -> (pred_logits [B, Q, 2], pred_masks [B, Q, H, W]) float32."""
+        out = model(jnp.transpose(images_nchw, (0, 2, 3, 1)).astype(self.compute_dtype))
+        return out["pred_logits"].astype(jnp.float32), out["pred_masks"].astype(jnp.float32)
+
+    def inference_stages(self) -> list[tuple[str, Callable]]:
+        """(name, fn(model, x)) run in order from float NHWC images to the model's outputs."""
+        size = (self.cfg.data.image_size,) * 2
+        return [("backbone", lambda model, images: model.backbone(images)),
+                ("fpn", lambda model, features: model.fpn(features)),
+                ("decoder", lambda model, pyramid: model.decoder(pyramid[0], size))]
+
+    def class_scores(self, outputs: dict, class_id: int, score_threshold: float) -> jnp.ndarray:
+        """Per-pixel score [B, H, W] in [0, 1] of class_names[class_id] (combine_queries)."""
+        return combine_queries(outputs["pred_logits"], outputs["pred_masks"], class_id - 1, score_threshold)

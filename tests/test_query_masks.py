@@ -1,0 +1,171 @@
+"""hybrid_p3m (the query_masks task) end to end on a tiny portrait demo: training and its run
+directory, the overfit mode, the predict CLI, the export protocol, and clear errors for bad data."""
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from segjax import predict, tasks
+from segjax import train as train_cli
+from segjax.data.demo_portrait import write_portrait_demo
+from segjax.data.memmap import prepare_memmaps
+from segjax.train import resolve_config, train_and_evaluate
+
+# 64 px: at 32 the backbone's last stage is 1x1, where BatchNorm's batch statistics of a single
+# image are degenerate (zero variance) and eval-mode outputs differ wildly from training.
+SIZE = 64
+TINY = ["--set", f"data.image_size={SIZE}", "--set", "model.size=tiny", "--set", "model.num_queries=4",
+        "--set", "train.log_every=4", "--num_workers", "0",
+        "--lr", "3e-3", "--batch_size", "1", "--scheduler", "none"]
+# Batch 1 and a constant lr as in --mode overfit: its train and eval steps then compile to the same
+# programs as the training run's, and come from the persistent compilation cache.
+
+
+def _prepare(tmp: Path, **kwargs) -> Path:
+    roots = write_portrait_demo(tmp / "folders", num_train=8, num_val=3, size=(56, 72))
+    prepare_memmaps(roots["p3m_root"], tmp / "memmaps", supervisely_root=roots["supervisely_root"], size=SIZE,
+                    **kwargs)
+    return tmp / "memmaps"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """8 training and 3 validation portraits in the P3M/Supervisely layouts, prepared as memmaps."""
+    return _prepare(tmp_path_factory.mktemp("portrait"))
+
+
+def argv(data_dir: Path, run_root: Path, *extra: str) -> list[str]:
+    return ["--experiment", "hybrid_p3m", "--data_dir", str(data_dir), *TINY, "--checkpoint_dir", str(run_root), *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory) -> dict:
+    cfg, _ = resolve_config(argv(data_dir, tmp_path_factory.mktemp("runs"), "--epochs", "2"))
+    return train_and_evaluate(cfg)
+
+
+def test_training_run_directory_and_metrics(trained):
+    run_dir = Path(trained["run_dir"])
+    assert run_dir.parent.name == "hybrid_p3m"
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["task"] == "query_masks" and saved["model"]["size"] == "tiny"
+    assert saved["data"]["train_images"].endswith(f"train_{SIZE}_u8_images.mmap")  # resolved from --data_dir
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["split"] == "val"]
+    assert [r["epoch"] for r in val] == [1, 2]
+    for r in val:
+        assert r["images"] == 3 and r["absent_classes"] == []
+        for key in ("loss", "loss_class", "loss_mask", "loss_dice", "miou", "iou_person", "iou_background",
+                    "pixel_accuracy", "dice", "dice_person"):
+            assert math.isfinite(r[key]), key
+    assert trained["best_step"] is not None and list((run_dir / "checkpoints").iterdir())
+    panels = sorted((run_dir / "visualizations").glob("prediction_epoch002_*.png"))
+    # One panel per image of the first validation batch (of 1): image | truth | prediction.
+    assert len(panels) == 1 and Image.open(panels[0]).size == (3 * SIZE, SIZE)
+    for name in ("train.log", "metrics_first_iter.txt", "final_metrics.txt"):
+        assert (run_dir / name).is_file()
+
+
+def test_overfit_mode_drives_the_loss_down(data_dir, tmp_path):
+    cfg, _ = resolve_config(argv(data_dir, tmp_path, "--mode", "overfit"))
+    assert cfg.data.overfit_one and cfg.train.batch_size == 1 and cfg.train.epochs == 100
+    summary = train_and_evaluate(cfg)
+    assert summary["steps"] == 100
+    first, last = summary["first_val"], summary["last_val"]  # before training, after 100 steps
+    assert last["loss"] < 0.15 * first["loss"], (first["loss"], last["loss"])
+    assert last["iou_person"] > 0.7
+
+
+def test_predict_writes_outputs_at_the_original_size_and_times_parts(trained, tmp_path, capsys):
+    image = np.zeros((37, 50, 3), np.uint8)
+    image[5:35, 20:32] = (220, 60, 40)  # a person-like block on black
+    Image.fromarray(image).save(tmp_path / "odd.png")
+    rc = predict.main(["--experiment", "hybrid_p3m", "--checkpoint", trained["run_dir"], "--image",
+                       str(tmp_path / "odd.png"), "--out_dir", str(tmp_path / "out"), "--timing", "--repeats", "3"])
+    assert rc == 0
+    mask = np.asarray(Image.open(tmp_path / "out" / "odd_mask.png"))
+    segmented = np.asarray(Image.open(tmp_path / "out" / "odd_segmented.png"))
+    assert mask.shape == (37, 50) and set(np.unique(mask)) <= {0, 255}
+    assert segmented.shape == (37, 50, 3)
+    np.testing.assert_array_equal(segmented, np.where(mask[..., None] > 0, image, 0))
+    out = capsys.readouterr().out
+    times = {name: float(value) for name, value in re.findall(r"^\s+(backbone|fpn|decoder)\s+([\d.]+) ms$", out, re.M)}
+    assert sorted(times) == ["backbone", "decoder", "fpn"] and all(t > 0 for t in times.values()), out
+
+
+def test_predict_reports_unreadable_images_and_bad_arguments(trained, tmp_path, capsys):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    Image.fromarray(np.full((20, 30, 3), 128, np.uint8)).save(tmp_path / "good.jpg")
+    rc = predict.main(["--checkpoint", trained["run_dir"], "--image", str(tmp_path / "broken.jpg"),
+                       "--image", str(tmp_path / "good.jpg"), "--out_dir", str(tmp_path / "out")])
+    assert rc == 2 and "broken.jpg: cannot decode" in capsys.readouterr().err
+    assert (tmp_path / "out" / "good_mask.png").is_file()  # the readable image is still segmented
+    assert predict.main(["--checkpoint", trained["run_dir"], "--image", str(tmp_path / "good.jpg"),
+                         "--class_id", "2"]) == 2
+    assert "--class_id must be within 1..1 (person)" in capsys.readouterr().err
+    assert predict.main(["--checkpoint", trained["run_dir"], "--experiment", "roi_human",
+                         "--image", str(tmp_path / "good.jpg")]) == 2
+    assert predict.main(["--checkpoint", str(tmp_path / "nowhere"), "--image", str(tmp_path / "good.jpg")]) == 2
+
+
+def test_bad_data_dirs_exit_2_with_a_message(data_dir, tmp_path, capsys):
+    assert train_cli.main(argv(tmp_path / "missing", tmp_path / "runs")) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert train_cli.main(argv(data_dir, tmp_path / "runs", "--set", "data.image_size=32")) == 2
+    assert "no train memmaps of size 32" in capsys.readouterr().err
+    copy = tmp_path / "copy"
+    shutil.copytree(data_dir, copy)
+    with open(copy / f"train_{SIZE}_u8_masks.mmap", "ab") as f:
+        f.write(b"\0" * 5)  # no longer what its sidecar describes
+    assert train_cli.main(argv(copy, tmp_path / "runs")) == 2
+    assert re.search(r"train_64_u8_masks.mmap: expected \d+ bytes .*found \d+ bytes", capsys.readouterr().err)
+
+
+def test_original_pipeline_float16_files_without_sidecars(tmp_path):
+    """NCHW float16 files named as the PyTorch pipeline names them, known by their name's tag."""
+    data_dir = _prepare(tmp_path, dtype="float16")
+    for sidecar in data_dir.glob("*.json"):
+        sidecar.unlink()
+    cfg, _ = resolve_config(["--experiment", "hybrid_p3m", "--data_dir", str(data_dir), *TINY])
+    task = tasks.build(cfg)
+    assert (task.cfg.data.memmap_dtype, task.cfg.data.memmap_layout) == ("float16", "NCHW")
+    source, transform = task.val_data()
+    record = transform(source[0])
+    assert len(source) == 3 and record["image"].shape == (SIZE, SIZE, 3) and record["image"].dtype == np.uint8
+    assert set(np.unique(record["mask"])) <= {0, 1} and record["mask"].any()
+
+
+def test_export_protocol_and_skip_safe_loss(data_dir):
+    cfg, _ = resolve_config(["--experiment", "hybrid_p3m", "--data_dir", str(data_dir), *TINY])
+    task = tasks.build(cfg)
+    inputs, outputs = task.export_signature()
+    assert inputs == [("images", ("B", 3, SIZE, SIZE))] and outputs == ["pred_logits", "pred_masks"]
+    model = task.build_model(nnx.Rngs(0))
+    model.eval()
+    logits, masks = jax.eval_shape(task.export_forward, model, jax.ShapeDtypeStruct((2, 3, SIZE, SIZE), jnp.float32))
+    assert logits.shape == (2, 4, 2) and masks.shape == (2, 4, SIZE, SIZE)
+
+    # An unreadable (or padded) example changes neither the loss nor the sums, whatever it holds.
+    source, transform = task.val_data()
+    records = [transform(source[i]) for i in range(2)]
+    batch = {k: np.stack([r[k] for r in records]) for k in ("image", "mask")}
+    batch.update(valid=np.ones(2, bool), image_ok=np.array([True, False]))
+    noise = {**batch, "image": batch["image"].copy(), "mask": batch["mask"].copy()}
+    noise["image"][1] = np.random.default_rng(0).integers(0, 256, noise["image"][1].shape, dtype=np.uint8)
+    noise["mask"][1] = 1 - noise["mask"][1]
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda s, b: task.loss_and_sums(nnx.merge(graphdef, s), b))
+    (loss, (sums, _)), (noise_loss, (noise_sums, _)) = step(state, batch), step(state, noise)
+    assert np.isfinite(loss) and float(loss) == float(noise_loss)
+    for key in ("loss", "loss_class", "loss_mask", "loss_dice", "confusion"):
+        np.testing.assert_array_equal(sums[key], noise_sums[key])
+    assert (int(sums["count"]), int(sums["records"]), int(sums["bad_records"])) == (1, 2, 1)
+    assert int(np.asarray(sums["confusion"]).sum()) == SIZE * SIZE  # one image's pixels
