@@ -51,7 +51,7 @@ DUPLICATE_STEM = "duplicate_stem"
 BAD_IMAGE = "bad_image"
 BAD_MASK = "bad_mask"
 # Storage per dtype: (file-name tag, image layout, mask layout).
-_STORAGE = {"uint8": ("u8", "NHWC", "NHW"), "float16": ("fp16", "NCHW", "N1HW")}
+STORAGE = {"uint8": ("u8", "NHWC", "NHW"), "float16": ("fp16", "NCHW", "N1HW")}
 _IMAGE_LAYOUTS = ("NHWC", "NCHW")
 _READ_DTYPES = ("uint8", "float16", "float32")
 
@@ -138,8 +138,8 @@ def _fit(image: np.ndarray, mask: np.ndarray, size: int, resize: str) -> tuple[n
     return image, mask, record
 
 
-def _storage_names(split: str, size: int, dtype: str) -> tuple[str, str]:
-    tag = _STORAGE[dtype][0]
+def storage_names(split: str, size: int, dtype: str) -> tuple[str, str]:
+    tag = STORAGE[dtype][0]
     return f"{split}_{size}_{tag}_images.mmap", f"{split}_{size}_{tag}_masks.mmap"
 
 
@@ -154,10 +154,10 @@ def _write_split(
     resize: str, report: SkipReport
 ) -> dict:
     """Stream `pairs` into the split's two memmaps (temp names, renamed when complete)."""
-    names = _storage_names(split, size, dtype)
+    names = storage_names(split, size, dtype)
     finals = [out_dir / name for name in names]
     tmps = [path.with_name(f"{path.name}.tmp{os.getpid()}") for path in finals]
-    _, image_layout, mask_layout = _STORAGE[dtype]
+    _, image_layout, mask_layout = STORAGE[dtype]
     image_shape = (size, size, 3) if image_layout == "NHWC" else (3, size, size)
     mask_shape = (size, size) if mask_layout == "NHW" else (1, size, size)
     kept: list[tuple[Path, Path]] = []
@@ -239,8 +239,8 @@ def prepare_memmaps(
     {"out_dir", "size", "dtype", "resize", "mask_threshold",
      "splits": {split: {"count", "images", "masks", "skipped": {reason: {"count", "examples"}}}}}.
     """
-    if dtype not in _STORAGE:
-        raise ValueError(f"dtype must be one of {list(_STORAGE)}, got {dtype!r}")
+    if dtype not in STORAGE:
+        raise ValueError(f"dtype must be one of {list(STORAGE)}, got {dtype!r}")
     if resize not in ("letterbox", "stretch"):
         raise ValueError(f"resize must be 'letterbox' or 'stretch', got {resize!r}")
     if size < 1:

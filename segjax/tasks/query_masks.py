@@ -31,7 +31,7 @@ from segjax.config import ConfigError
 from segjax.data import demo
 from segjax.data.demo_portrait import prepare_portrait_demo
 from segjax.data.errors import DataError
-from segjax.data.memmap import _STORAGE, _storage_names, MemmapSource, augment_portrait, eval_portrait
+from segjax.data.memmap import STORAGE, MemmapSource, augment_portrait, eval_portrait, storage_names
 from segjax.models.hybrid import HYBRID_FULL, HYBRID_TINY, HybridQueryModel
 
 log = logging.getLogger("segjax")
@@ -138,12 +138,12 @@ def _prepared_memmaps(data_dir: Path, split: str, size: int) -> tuple[str, str, 
     """(images, masks, dtype) of a split in a tools/prepare_p3m.py output folder; uint8 first."""
     if not data_dir.is_dir():
         raise DataError(f"data.data_dir {data_dir} is not a directory (give the --out_dir of tools/prepare_p3m.py)")
-    for dtype in _STORAGE:
-        images, masks = (data_dir / name for name in _storage_names(split, size, dtype))
+    for dtype in STORAGE:
+        images, masks = (data_dir / name for name in storage_names(split, size, dtype))
         if images.is_file():
             return str(images), str(masks), dtype
     found = sorted(p.name for p in data_dir.glob("*_images.mmap")) or "no memmaps"
-    raise DataError(f"{data_dir}: no {split} memmaps of size {size} ({', '.join(_storage_names(split, size, 'uint8'))} "
+    raise DataError(f"{data_dir}: no {split} memmaps of size {size} ({', '.join(storage_names(split, size, 'uint8'))} "
                     f"or their fp16 versions); found {found}. Set data.image_size to the prepared size")
 
 
@@ -162,7 +162,7 @@ def _resolve_data(data: QueryMaskDataConfig) -> QueryMaskDataConfig:
         images, masks, dtype = _prepared_memmaps(Path(data.data_dir), split, data.image_size)
         updates.update({k: v for k, v in ((f"{split}_images", images), (f"{split}_masks", masks)) if k in missing})
         if not data.memmap_dtype:  # sidecar-less files of the original pipeline are known by their tag
-            updates.update(memmap_dtype=dtype, memmap_layout=_STORAGE[dtype][1])
+            updates.update(memmap_dtype=dtype, memmap_layout=STORAGE[dtype][1])
     return dataclasses.replace(data, **updates)
 
 
@@ -198,6 +198,13 @@ class Task:
         self.best_mode = "min" if self.best_metric == "loss" else "max"
         self.compute_dtype = jnp.bfloat16 if cfg.train.precision == "bf16" else jnp.float32
         self._sources: dict[str, MemmapSource] = {}
+
+    def torch_weights(self) -> tuple[str, str]:
+        """timm's darknet53 state dict into the backbone (`--init_from torch:PATH`)."""
+        if self.cfg.model.backbone_negative_slope != 0.01:
+            raise ConfigError("timm darknet53 weights need timm's LeakyReLU slope: "
+                              "--set model.backbone_negative_slope=0.01")
+        return "timm_darknet53", "backbone"
 
     def build_model(self, rngs: nnx.Rngs) -> HybridQueryModel:
         return HybridQueryModel(1, **model_kwargs(self.cfg.model), dtype=self.compute_dtype,
