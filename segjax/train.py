@@ -208,19 +208,17 @@ def build_state(task, mesh: jax.sharding.Mesh, steps_per_epoch: int, epochs: int
     return ModelSetup(model_def, eval_def, opt_def, model_state, opt_state, shardings, schedule, num_params)
 
 
-def _torch_weights(task, setup: ModelSetup, model_state: nnx.State, path: str) -> nnx.State:
-    """The model state with a PyTorch state dict imported by the task's scheme (segjax.bridge)."""
+def load_torch_weights(task, model: nnx.Module, path: str) -> None:
+    """Imports a PyTorch state dict into `model` in place, by the task's scheme (segjax.bridge)."""
     from segjax import bridge  # torch is imported only when a .pt/.pth file is read
 
     target = task.torch_weights()
     if target is None:
         raise config_lib.ConfigError(f"{task.cfg.experiment}: this model has no PyTorch original to import from")
     scheme, submodule = target
-    model = nnx.merge(setup.model_def, model_state)
     bridge.import_torch_weights(getattr(model, submodule) if submodule else model,
                                 bridge.load_torch_state_dict(path), scheme)
     log.info("initialised %s from PyTorch weights %s (scheme %s)", submodule or "the model", path, scheme)
-    return nnx.state(model)
 
 
 def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None = None) -> dict:
@@ -272,8 +270,9 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
         start_epoch, step = meta["epoch"], meta["step"]
         log.info("resumed from %s step %d (epoch %d done)", resume_dir, resume_step, start_epoch)
     elif cfg.train.init_from.startswith("torch:"):
-        model_state = jax.device_put(_torch_weights(task, setup, model_state, cfg.train.init_from[6:]),
-                                     mesh_lib.replicated(mesh))
+        model = nnx.merge(setup.model_def, model_state)
+        load_torch_weights(task, model, cfg.train.init_from.removeprefix("torch:"))
+        model_state = jax.device_put(nnx.state(model), mesh_lib.replicated(mesh))
     elif cfg.train.init_from:
         source = cfg.train.init_from.removeprefix("segjax:")
         if source == "latest":
@@ -297,8 +296,12 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
                                cfg.train.num_visualizations)
 
         metrics = validate_model(task, eval_step, model_state, mesh, cfg, on_first_batch=draw)
+        metrics["lr"] = current_lr()  # the rate the validated weights were last updated with
         _log_metrics(runlog, step, epoch, "val", metrics)
         return metrics
+
+    def current_lr() -> float:
+        return float(schedule(max(step // cfg.optim.gradient_accumulation - 1, 0)))
 
     summary = {"run_dir": str(run_dir), "first_val": None, "last_val": None, "epochs": total_epochs}
     if cfg.train.test_only:
@@ -340,7 +343,7 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
                 bar.set_postfix(loss=f"{interval_metrics['loss']:.4f}", miou=f"{interval_metrics['miou']:.3f}")
         bar.close()
         train_metrics = task.summarize(epoch_totals.total)
-        train_metrics["lr"] = float(schedule(max(step // cfg.optim.gradient_accumulation - 1, 0)))
+        train_metrics["lr"] = current_lr()
         train_metrics["bad_records"] = int(epoch_totals.total["bad_records"])
         train_metrics["nonfinite_steps"] = int(epoch_totals.total["nonfinite_steps"])
         train_metrics["images_per_second"] = steps_per_epoch * cfg.train.batch_size / (time.perf_counter() - started)

@@ -71,7 +71,7 @@ def test_run_directory_contents(straight):
     assert [r["epoch"] for r in train] == [1, 2] and [r["epoch"] for r in val] == [1, 2]
     for r in records:
         assert {"step", "epoch", "split", "loss", "ce", "dice", "miou", "iou_this_person"} <= r.keys()
-    assert all("lr" in r for r in train) and train[1]["lr"] < train[0]["lr"]  # cosine decays
+    assert all("lr" in r for r in records) and train[1]["lr"] < train[0]["lr"]  # cosine decays
     assert sum(r["bad_records"] for r in train) >= 1  # the truncated JPEG was counted, not fatal
     for split in ("train", "val"):
         assert list((run_dir / "tensorboard" / split).glob("events.out.tfevents.*"))
@@ -296,7 +296,10 @@ def test_trains_on_real_coco_files(realdata, tmp_path):
     tinycoco = realdata / "super_gradients" / "tests" / "data" / "tinycoco"
     ann, images = tinycoco / "annotations" / "instances_val2017.json", tinycoco / "images" / "val2017"
     argv = ["--experiment", "roi_human", "--train_ann", str(ann), "--val_ann", str(ann), "--train_img_dir",
-            str(images), "--val_img_dir", str(images), *TINY, "--checkpoint_dir", str(tmp_path), "--epochs", "1"]
+            str(images), "--val_img_dir", str(images), *TINY, "--checkpoint_dir", str(tmp_path), "--epochs", "1",
+            "--precision", "bf16"]
     out = run(argv)
     assert out["last_val"]["rois"] == 27  # every person of the real file, none lost to chunking or padding
     assert np.isfinite(out["last_val"]["loss"])
+    # bf16 compute keeps parameters and BatchNorm statistics in float32.
+    assert {str(x.dtype) for x in jax.tree.leaves(out["model_state"])} == {"float32"}
