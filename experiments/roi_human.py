@@ -32,7 +32,7 @@ DEMO_OVERRIDES = {
     "model.head_fine_width": "16",
     "optim.lr": "3e-3",
     "optim.min_lr": "1e-4",
-    "train.epochs": "8",
+    "train.epochs": "20",
     "train.batch_size": "8",
     "train.num_workers": "0",
     "train.eval_at_start": "true",

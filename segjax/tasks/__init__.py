@@ -9,7 +9,11 @@ for everything that differs. A task provides:
 - `train_data()` -> (source, transform(entry, rng)) and `val_data()` -> (source, transform(entry));
 - `loss_and_sums(model, batch)` -> (loss, (sums, outputs)): runs inside jit; `sums` are additive
   statistics, `outputs` what `visualize` draws;
-- `summarize(sums)` -> metrics dict; `visualize(batch, outputs, out_dir, tag)`;
+- `summarize(sums)` -> metrics dict; `visualize(batch, outputs, out_dir, tag, limit)`;
+- `torch_weights()` -> (segjax.bridge scheme, submodule it fills) or None, for `--init_from torch:`;
+- `export_signature(variant)` -> ([(input name, shape)], [output names]), string dims dynamic, and
+  `export_forward(model, *inputs)`: the model with PyTorch-style NCHW inputs and outputs (a task
+  with export variants also takes `variant=`);
 - module functions `has_data(data_cfg)` (were real data paths given?) and `validate(cfg)`
   (raises ConfigError for values the types alone do not catch).
 """
