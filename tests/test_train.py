@@ -303,3 +303,17 @@ def test_trains_on_real_coco_files(realdata, tmp_path):
     assert np.isfinite(out["last_val"]["loss"])
     # bf16 compute keeps parameters and BatchNorm statistics in float32.
     assert {str(x.dtype) for x in jax.tree.leaves(out["model_state"])} == {"float32"}
+
+
+def test_data_stats_file_sets_the_class_weights(data, tmp_path, capsys):
+    from segjax import tasks
+    from segjax.train import main
+
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"num_rois": 3, "pixel_counts": [1, 2, 3], "class_frequencies": [0.2, 0.3, 0.5],
+                                 "class_weights": [0.5, 2.0, 4.0]}))
+    cfg, _ = resolve_config(tiny_argv(data, tmp_path, "--data_stats", str(stats)))
+    np.testing.assert_array_equal(tasks.build(cfg).class_weights, [0.5, 2.0, 4.0])
+    stats.write_text("{not json")
+    assert main(tiny_argv(data, tmp_path, "--data_stats", str(stats))) == 2
+    assert "stats.json" in capsys.readouterr().err
