@@ -203,7 +203,7 @@ def test_export_cli_names_the_models_it_found(trained, tmp_path, capsys):
             "--out", str(tmp_path / "x.onnx")]
     assert _export_tool().main(argv) == 2
     err = capsys.readouterr().err
-    assert "no run of 'voc_resnet' with model 'unet'" in err and "models found: ['resnet18']" in err
+    assert "no run of 'voc_resnet' with model 'unet' with checkpoints" in err and "models found: ['resnet18']" in err
 
 
 def test_export_cli_fails_on_a_mismatch(trained, tmp_path, monkeypatch, capsys):

@@ -16,7 +16,6 @@ model is then left at <out>.unchecked.onnx), 2 for usage errors.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from flax import nnx
 
 from segjax import config as config_lib
 from segjax import tasks
-from segjax.engine.checkpoint import checkpoint_subdir
+from segjax.engine.checkpoint import latest_run
 from segjax.engine.runlog import setup_console_logging
 from segjax.evaluate import restore_model
 from segjax.export.onnx import OPSET, ExportCheckError, export, format_report
@@ -58,26 +57,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def find_model_run(root: Path, experiment: str, model_name: str) -> Path:
-    """The newest run of `experiment` with `model.name == model_name` under `root` (or `root` itself)."""
-    runs, seen = [], set()
-    for config_file in root.glob("**/config.json"):
-        try:
-            saved = json.loads(config_file.read_text())
-        except (OSError, ValueError):
-            continue
-        if saved.get("experiment") != experiment:
-            continue
-        name = saved.get("model", {}).get("name")
-        seen.add(str(name))
-        if name == model_name and (config_file.parent / checkpoint_subdir(config_file.parent)).is_dir():
-            runs.append(config_file.parent)
-    if not runs:
-        raise FileNotFoundError(f"no run of {experiment!r} with model {model_name!r} under {root} "
-                                f"(models found: {sorted(seen) or 'none'})")
-    return max(runs, key=lambda p: (p / "config.json").stat().st_mtime)
-
-
 def load_weights(args: argparse.Namespace):
     """(task, model): the weights source. The model is built for float32 arithmetic whatever
     precision it trained in (bfloat16 ONNX does not run on onnxruntime's CPU provider)."""
@@ -94,7 +73,7 @@ def load_weights(args: argparse.Namespace):
         return task, model
     checkpoint = Path(args.checkpoint)
     if args.model:
-        checkpoint = find_model_run(checkpoint, experiment, args.model)
+        checkpoint = latest_run(checkpoint, experiment, args.model)
     restored = restore_model(checkpoint, overrides=["train.precision=fp32"])
     if restored.task.cfg.experiment != experiment:
         raise config_lib.ConfigError(f"{checkpoint} holds a {restored.task.cfg.experiment!r} model, "

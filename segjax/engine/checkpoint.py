@@ -95,18 +95,26 @@ def find_checkpoint_dir(path: str | Path) -> tuple[Path, int | None]:
     raise FileNotFoundError(f"no checkpoint at {path} (give a run directory, its checkpoint directory or a step)")
 
 
-def latest_run(run_root: str | Path, experiment: str) -> Path:
-    """The newest run directory of `experiment` under `run_root` that holds a complete checkpoint."""
-    runs = []
+def latest_run(run_root: str | Path, experiment: str, model_name: str | None = None) -> Path:
+    """The newest run directory of `experiment` under `run_root` that holds a complete checkpoint;
+    with `model_name`, only runs whose `model.name` is that (experiments training several models)."""
+    runs, models_seen = [], set()
     for config_file in Path(run_root).glob("**/config.json"):
         run_dir = config_file.parent
         try:
-            same = json.loads(config_file.read_text()).get("experiment") == experiment
+            saved = json.loads(config_file.read_text())
         except (OSError, ValueError):
             continue
+        if saved.get("experiment") != experiment:
+            continue
+        name = saved.get("model", {}).get("name")
+        models_seen.add(str(name))
         ckpt_dir = run_dir / checkpoint_subdir(run_dir)
-        if same and ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+        if (model_name in (None, name) and ckpt_dir.is_dir()
+                and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
             runs.append(run_dir)
     if not runs:
-        raise FileNotFoundError(f"no run of {experiment!r} with checkpoints under {Path(run_root).absolute()}")
+        which = f"{experiment!r}" + (f" with model {model_name!r}" if model_name else "")
+        seen = f" (models found: {sorted(models_seen) or 'none'})" if model_name else ""
+        raise FileNotFoundError(f"no run of {which} with checkpoints under {Path(run_root).absolute()}{seen}")
     return max(runs, key=lambda p: (p / "config.json").stat().st_mtime)
