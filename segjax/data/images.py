@@ -77,6 +77,12 @@ def read_rgb_sized(path: str | os.PathLike, height: int, width: int) -> np.ndarr
     return pixels
 
 
+def letterbox_size(height: int, width: int, size: int) -> tuple[int, int, float]:
+    """(content height, content width, scale) of an image letterboxed into size x size."""
+    scale = size / max(height, width)
+    return min(size, max(1, round(height * scale))), min(size, max(1, round(width * scale))), scale
+
+
 def resize_letterbox(
     image: np.ndarray, size: int, *, fill: int = 0, resample: Image.Resampling = Image.Resampling.BILINEAR
 ) -> tuple[np.ndarray, float]:
@@ -86,9 +92,7 @@ def resize_letterbox(
     Returns the padded array and the scale applied to pixel coordinates.
     """
     height, width = image.shape[:2]
-    scale = size / max(height, width)
-    new_w = min(size, max(1, round(width * scale)))
-    new_h = min(size, max(1, round(height * scale)))
+    new_h, new_w, scale = letterbox_size(height, width, size)
     if (new_h, new_w) != (height, width):
         image = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample))
     out = np.full((size, size, *image.shape[2:]), fill, dtype=image.dtype)

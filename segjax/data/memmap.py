@@ -37,7 +37,8 @@ import numpy as np
 from PIL import Image
 
 from segjax.data.errors import DataError, SkipReport
-from segjax.data.images import SIZE_MISMATCH, BadImage, SizeMismatch, read_rgb, read_rgb_sized, resize_letterbox
+from segjax.data.images import (SIZE_MISMATCH, BadImage, SizeMismatch, letterbox_size, read_rgb, read_rgb_sized,
+                                 resize_letterbox)
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +131,9 @@ def _fit(image: np.ndarray, mask: np.ndarray, size: int, resize: str) -> tuple[n
         image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
         mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST))
         return image, mask, {"orig_size": [height, width], "scale": [size / height, size / width], "pad": [0, 0, 0, 0]}
-    image, scale = resize_letterbox(image, size)
+    image, _ = resize_letterbox(image, size)
     mask, _ = resize_letterbox(mask, size, resample=Image.Resampling.NEAREST)
-    # The content box resize_letterbox fills (top-left aligned; bottom/right padded).
-    content_h, content_w = (min(size, max(1, round(n * scale))) for n in (height, width))
+    content_h, content_w, scale = letterbox_size(height, width, size)  # top-left; bottom/right padded
     record = {"orig_size": [height, width], "scale": [scale, scale], "pad": [0, size - content_h, 0, size - content_w]}
     return image, mask, record
 
