@@ -49,7 +49,7 @@ def _ellipse(cx: float, cy: float, rx: float, ry: float, points: int = 20) -> li
     return np.stack([cx + rx * np.cos(angles), cy + ry * np.sin(angles)], axis=1).ravel().tolist()
 
 
-def _person_parts(cx: float, top: float, height: float, shoulders: float, lean: float) -> list[list[float]]:
+def person_parts(cx: float, top: float, height: float, shoulders: float, lean: float) -> list[list[float]]:
     """Head ellipse and one torso+legs polygon, as COCO polygon parts."""
     h, s = height, shoulders
     head = _ellipse(cx + lean, top + 0.1 * h, 0.085 * h, 0.1 * h)
@@ -69,11 +69,11 @@ def _person_parts(cx: float, top: float, height: float, shoulders: float, lean: 
     return [head, [float(v) for point in body for v in point]]
 
 
-def _rasterise(parts: list[list[float]], height: int, width: int) -> np.ndarray:
+def rasterise(parts: list[list[float]], height: int, width: int) -> np.ndarray:
     return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(parts, height, width))).astype(bool)
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+def textured_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """Muted low-frequency colour field plus pixel noise: texture the model must ignore."""
     coarse = rng.uniform(70, 180, size=(4, 5, 1)) + rng.uniform(-25, 25, size=(4, 5, 3))
     coarse = coarse.astype(np.uint8)
@@ -81,7 +81,7 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return field + rng.normal(0.0, 14.0, size=(height, width, 3))
 
 
-def _colour(rng: np.random.Generator, hue: float) -> np.ndarray:
+def random_colour(rng: np.random.Generator, hue: float) -> np.ndarray:
     rgb = colorsys.hsv_to_rgb(hue % 1.0, rng.uniform(0.75, 1.0), rng.uniform(0.75, 1.0))
     return np.array(rgb, dtype=np.float32) * 255.0
 
@@ -102,8 +102,8 @@ def _place_people(rng: np.random.Generator, height: int, width: int) -> list[lis
                 cx = rng.uniform(0.0, width)
             cx = float(np.clip(cx, shoulders / 2 + 1, width - shoulders / 2 - 1))
             top = rng.uniform(1.0, height - person_h - 1.0)
-            parts = _person_parts(cx, top, person_h, shoulders, rng.uniform(-0.05, 0.05) * person_h)
-            mask = _rasterise(parts, height, width)
+            parts = person_parts(cx, top, person_h, shoulders, rng.uniform(-0.05, 0.05) * person_h)
+            mask = rasterise(parts, height, width)
             # The new person is drawn in front: everyone behind must stay recognisable.
             remaining = [v & ~mask for v in visible]
             if all(r.sum() >= 0.4 * area for r, area in zip(remaining, areas)):
@@ -127,11 +127,11 @@ def _crowd_parts(rng: np.random.Generator, height: int, width: int) -> list[list
 
 def _render_image(rng: np.random.Generator, height: int, width: int, with_crowd: bool) -> tuple[np.ndarray, list[dict]]:
     """Pixels and the annotations (without ids) of one demo image."""
-    pixels = _background(rng, height, width)
+    pixels = textured_background(rng, height, width)
     # Layers back to front: (category, parts, iscrowd, colour).
     layers: list[tuple[int, list[list[float]], int, np.ndarray]] = []
     if with_crowd:
-        layers.append((1, _crowd_parts(rng, height, width), 1, _colour(rng, rng.random()) * 0.6))
+        layers.append((1, _crowd_parts(rng, height, width), 1, random_colour(rng, rng.random()) * 0.6))
     if rng.random() < 0.3:
         radius = rng.uniform(6, 11)
         cx, cy = rng.uniform(radius, width - radius), rng.uniform(height * 0.6, height - radius)
@@ -141,9 +141,9 @@ def _render_image(rng: np.random.Generator, height: int, width: int, with_crowd:
     hue = rng.random()
     for k, parts in enumerate(people):
         # Hues spread around the colour wheel keep neighbours distinct.
-        layers.append((1, parts, 0, _colour(rng, hue + k / len(people) + rng.uniform(-0.05, 0.05))))
+        layers.append((1, parts, 0, random_colour(rng, hue + k / len(people) + rng.uniform(-0.05, 0.05))))
 
-    masks = [_rasterise(parts, height, width) for _, parts, _, _ in layers]
+    masks = [rasterise(parts, height, width) for _, parts, _, _ in layers]
     for mask, (_, _, _, colour) in zip(masks, layers):
         shade = 1.0 + rng.normal(0.0, 0.06, size=(int(mask.sum()), 1))
         pixels[mask] = colour * shade
@@ -266,7 +266,7 @@ def write_coco_person_demo(
     return paths
 
 
-def _marker_matches(marker: Path, params: dict) -> bool:
+def marker_matches(marker: Path, params: dict) -> bool:
     """Whether a demo's marker (written last) records exactly these parameters."""
     try:
         return json.loads(marker.read_text()) == params
@@ -275,7 +275,7 @@ def _marker_matches(marker: Path, params: dict) -> bool:
 
 
 def _is_complete(marker: Path, params: dict, paths: dict[str, str]) -> bool:
-    if not _marker_matches(marker, params):
+    if not marker_matches(marker, params):
         return False
     dirs = {
         "train2017": (paths["train_img_dir"], params["num_train"]),
@@ -334,7 +334,7 @@ def _car(cx: float, cy: float, s: float) -> list[list[float]]:
 
 
 def _person(cx: float, cy: float, s: float) -> list[list[float]]:
-    return _person_parts(cx, cy - 0.5 * s, s, 0.36 * s, 0.0)
+    return person_parts(cx, cy - 0.5 * s, s, 0.36 * s, 0.0)
 
 
 def _tvmonitor(cx: float, cy: float, s: float) -> list[list[float]]:
@@ -381,20 +381,20 @@ def _scene(rng: np.random.Generator, height: int, width: int) -> list[tuple[str,
         s = rng.uniform(0.35, 0.7) * side
         cx, cy = rng.uniform(0.4 * s, width - 0.4 * s), rng.uniform(0.4 * s, height - 0.4 * s)
         objects.append((name, _OBJECTS[name][0](cx, cy, s)))
-    scene = [(name, parts, _rasterise(parts, height, width)) for name, parts in objects]
+    scene = [(name, parts, rasterise(parts, height, width)) for name, parts in objects]
     # The order prepare_coco_semantic paints in, so its masks match these images.
     return sorted(scene, key=lambda item: -int(item[2].sum()))
 
 
 def _paint_scene(rng: np.random.Generator, pixels: np.ndarray, scene: list) -> None:
     for name, _, mask in scene:
-        colour = _colour(rng, _OBJECTS[name][1] + rng.uniform(-0.02, 0.02))
+        colour = random_colour(rng, _OBJECTS[name][1] + rng.uniform(-0.02, 0.02))
         pixels[mask] = colour * (1.0 + rng.normal(0.0, 0.06, size=(int(mask.sum()), 1)))
 
 
 def _render_voc(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixels and the VOC class-index mask of one demo image, with VOC's void band along outlines."""
-    pixels = _background(rng, height, width)
+    pixels = textured_background(rng, height, width)
     scene = _scene(rng, height, width)
     _paint_scene(rng, pixels, scene)
     label = np.zeros((height, width), dtype=np.uint8)
@@ -435,7 +435,7 @@ def write_voc_demo(
     marker = root / _VOC_MARKER
     files = [base / folder / f"{i}{ext}" for split_ids in ids.values() for i in split_ids
              for folder, ext in (("JPEGImages", ".jpg"), ("SegmentationClass", ".png"))]
-    if _marker_matches(marker, params) and all(f.is_file() for f in files):
+    if marker_matches(marker, params) and all(f.is_file() for f in files):
         logger.info("reusing VOC demo data in %s", root)
         return base
     logger.info("writing VOC demo data (%d train, %d val images) into %s", num_train, num_val, root)
@@ -460,12 +460,12 @@ def _render_coco_semantic(rng: np.random.Generator, height: int, width: int,
                           with_crowd: bool) -> tuple[np.ndarray, list[dict]]:
     """A demo scene with whole-object annotations that overlap (bottles on tables, a person before
     a car), painted larger behind smaller, plus sometimes a crowd band of people behind everything."""
-    pixels = _background(rng, height, width)
+    pixels = textured_background(rng, height, width)
     annotations = []
     if with_crowd:
         parts = _crowd_parts(rng, height, width)
-        mask = _rasterise(parts, height, width)
-        pixels[mask] = _colour(rng, rng.random()) * 0.6
+        mask = rasterise(parts, height, width)
+        pixels[mask] = random_colour(rng, rng.random()) * 0.6
         annotations.append(_annotation(rng, 1, parts, mask, 1, polygon_ok=False))
     scene = _scene(rng, height, width)
     _paint_scene(rng, pixels, scene)
@@ -505,7 +505,7 @@ def write_coco_semantic_demo(
     params = {"version": COCO_SEMANTIC_DEMO_VERSION, "num_train": num_train, "num_val": num_val,
               "size": list(size), "seed": seed}
     marker = root / _COCO_SEMANTIC_MARKER
-    if _marker_matches(marker, params) and all(Path(p).exists() for p in paths.values()):
+    if marker_matches(marker, params) and all(Path(p).exists() for p in paths.values()):
         logger.info("reusing COCO semantic demo data in %s", root)
         return paths
     logger.info("writing COCO semantic demo data (%d train, %d val images) into %s", num_train, num_val, root)

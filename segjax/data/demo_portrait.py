@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from segjax.data.demo import _background, _colour, _marker_matches, _person_parts, _rasterise
+from segjax.data.demo import marker_matches, person_parts, random_colour, rasterise, textured_background
 from segjax.data.memmap import prepare_memmaps
 
 logger = logging.getLogger(__name__)
@@ -21,14 +21,14 @@ _MARKER = "segjax_portrait_demo.json"
 
 def _render_portrait(rng: np.random.Generator, height: int, width: int, soft: bool) -> tuple[np.ndarray, np.ndarray]:
     """One person on a textured background: uint8 pixels and a uint8 alpha (0..255)."""
-    pixels = _background(rng, height, width)
+    pixels = textured_background(rng, height, width)
     person_h = rng.uniform(0.7, 0.95) * height
     shoulders = min(0.36 * person_h * rng.uniform(0.85, 1.15), 0.9 * width)
     cx = rng.uniform(shoulders / 2, width - shoulders / 2)
     top = rng.uniform(0.0, height - person_h)
-    mask = _rasterise(_person_parts(cx, top, person_h, shoulders, rng.uniform(-0.05, 0.05) * person_h), height, width)
+    mask = rasterise(person_parts(cx, top, person_h, shoulders, rng.uniform(-0.05, 0.05) * person_h), height, width)
     shade = 1.0 + rng.normal(0.0, 0.06, size=(int(mask.sum()), 1))
-    pixels[mask] = _colour(rng, rng.random()) * shade
+    pixels[mask] = random_colour(rng, rng.random()) * shade
     alpha = Image.fromarray(mask.astype(np.uint8) * 255)
     if soft:
         # P3M masks are soft mattes: a blurred edge makes the preparation's threshold matter.
@@ -69,7 +69,7 @@ def write_portrait_demo(
     marker = root / _MARKER
     expected = [d / f"{prefix}_{i:04d}{ext}" for image_dir, mask_dir, prefix, count, _ in plan for i in range(count)
                 for d, ext in ((image_dir, ".jpg"), (mask_dir, ".png"))]
-    if _marker_matches(marker, params) and all(path.is_file() for path in expected):
+    if marker_matches(marker, params) and all(path.is_file() for path in expected):
         logger.info("reusing portrait demo data in %s", root)
         return paths
     logger.info("writing portrait demo data (%d train, %d val images) into %s", num_train, num_val, root)
