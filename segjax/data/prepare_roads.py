@@ -181,7 +181,8 @@ def split_pool(paths: Sequence[str], *, fractions: Sequence[float] = DEFAULT_FRA
 
     Without by_subdir, the shuffled pool is cut at round(N * fraction) for val and test, train
     keeping the rest. With by_subdir, whole immediate subdirectories are dealt out in a seeded
-    order, each to the split furthest below its target count, so no folder spans two splits.
+    order, each to the split furthest below its target count relative to that target, so no
+    folder spans two splits and each split with a share gets a folder while folders last.
     """
     if len(fractions) != len(SPLITS) or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
         raise DataError(f"split fractions must be three non-negative numbers summing to 1, got {list(fractions)}")
@@ -204,7 +205,9 @@ def split_pool(paths: Sequence[str], *, fractions: Sequence[float] = DEFAULT_FRA
         targets = np.asarray(fractions) * len(ordered)
         for group in (names[i] for i in rng.permutation(len(names))):
             counts = np.asarray([len(out[s]) for s in SPLITS])
-            out[SPLITS[int(np.argmax(targets - counts))]].extend(groups[group])
+            # Relative shortfall: every split with a share gets one of the first groups.
+            shortfall = np.where(targets > 0, (targets - counts) / np.maximum(targets, 1e-9), -np.inf)
+            out[SPLITS[int(np.argmax(shortfall))]].extend(groups[group])
     for name in SPLITS:
         out[name].sort()
         if not out[name] and fractions[SPLITS.index(name)] > 0:

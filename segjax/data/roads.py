@@ -347,7 +347,7 @@ def scan_labels(pairs: Sequence[SegPair], num_classes: int, *, label_ids: str = 
                 raise DataError(
                     f"{pair.mask_path}: label value {int(bad[0])} ({int(hist[bad[0]])} pixels) is neither a class "
                     f"(0..{num_classes - 1}) nor {IGNORE} (ignore); fix the label, choose the right class set or "
-                    "label ids, or turn such values into ignore (unknown labels = ignore)")
+                    "label ids, or count such values as ignore (--unknown_labels ignore)")
             if bad.size:
                 unknown_found[pair.id] = bad.tolist()
             per_class = np.bincount(lut[known], weights=hist[known], minlength=num_classes).astype(np.int64)
