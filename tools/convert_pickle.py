@@ -19,8 +19,9 @@ from segjax.data.prepare_roads import convert_records, load_pickle
 
 def main(argv: list[str] | None = None) -> int:
     # A one-line usage: a command-line mistake reads as two short lines, not a page.
-    parser = argparse.ArgumentParser(usage="%(prog)s --pickle FILE --out_dir ROOT --trust_pickle [--subdir NAME]", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s --pickle FILE --out_dir ROOT --trust_pickle [--subdir NAME]",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pickle", required=True, help="the pickle file, e.g. data/raw/data.pkl")
     parser.add_argument("--out_dir", required=True, help="ROOT of the folder layout to write")
     parser.add_argument("--subdir", default="pool", help="subdirectory for records that name none")

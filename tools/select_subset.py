@@ -34,12 +34,14 @@ def _weights(text: str) -> tuple[float, float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     # A one-line usage: a command-line mistake reads as two short lines, not a page.
-    parser = argparse.ArgumentParser(usage="%(prog)s --data_root ROOT (--split S | --list FILE) --out_dir OUT [options; see --help]", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s --data_root ROOT (--split S | --list FILE) --out_dir OUT [options; see --help]",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     roads.add_data_arguments(parser)
     pool = parser.add_mutually_exclusive_group()
     pool.add_argument("--split", default="train",
-                      help="Cityscapes-style: a folder of leftImg8bit/; folders: ROOT/splits/SPLIT.txt, '' = all images")
+                      help="Cityscapes-style: a folder of leftImg8bit/; folders: ROOT/splits/SPLIT.txt "
+                           "('' = all images)")
     pool.add_argument("--list", default="", help="a list file of image paths relative to ROOT (instead of --split)")
     parser.add_argument("--num", type=int, default=1500, help="how many images to keep")
     parser.add_argument("--out_dir", required=True)

@@ -32,8 +32,9 @@ def _fractions(text: str) -> tuple[float, float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     # A one-line usage: a command-line mistake reads as two short lines, not a page.
-    parser = argparse.ArgumentParser(usage="%(prog)s --data_root ROOT [--split S | --list FILE] [options; see --help]", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s --data_root ROOT [--split S | --list FILE] [options; see --help]",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     roads.add_data_arguments(parser)
     pool = parser.add_mutually_exclusive_group()
     pool.add_argument("--split", default=None,

@@ -63,7 +63,8 @@ def iter_records(data: Any) -> Iterable[tuple[int, Any]]:
                 for i, (img, lab) in enumerate(zip(images, labels)))
     if isinstance(data, (list, tuple)):
         return enumerate(data)
-    raise DataError(f"expected a sequence of records (or a mapping of columns) in the pickle, got {type(data).__name__}")
+    raise DataError(f"expected a sequence of records (or a mapping of columns) in the pickle, "
+                    f"got {type(data).__name__}")
 
 
 def image_array(value: Any) -> np.ndarray:

@@ -333,7 +333,8 @@ def scan_labels(pairs: Sequence[SegPair], num_classes: int, *, label_ids: str = 
     known = (lut >= 0) & (lut != IGNORE)
     workers = workers or min(16, os.cpu_count() or 1)
     kept, counts, sizes, unknown_found = [], [], [], {}
-    with ThreadPoolExecutor(workers) as pool:
+    pool = ThreadPoolExecutor(workers)
+    try:
         results = pool.map(_histogram_or_error, [p.mask_path for p in pairs])
         for pair, result in tqdm(zip(pairs, results), total=len(pairs), desc="reading labels", unit="label",
                                  disable=not progress, dynamic_ncols=True):
@@ -357,6 +358,8 @@ def scan_labels(pairs: Sequence[SegPair], num_classes: int, *, label_ids: str = 
             kept.append(pair)
             counts.append(per_class)
             sizes.append(size)
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error, the labels not yet read stay unread
     if unknown_found:
         logger.warning("%d label maps hold values outside the classes, counted as ignore, e.g. %s",
                        len(unknown_found), dict(list(unknown_found.items())[:3]))

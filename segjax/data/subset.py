@@ -63,8 +63,9 @@ def frequency_chart(names: Sequence[str], pool_images: np.ndarray, subset_images
         pool_share = pool_images[k] / max(pool_size, 1)
         subset_share = subset_images[k] / max(subset_size, 1)
         draw.text((pad, y + 2), name[:26], fill="black")
-        draw.rectangle((label_w, y, label_w + round(bar_w * pool_share), y + 7), fill=(170, 170, 170))
-        draw.rectangle((label_w, y + 8, label_w + round(bar_w * subset_share), y + 15), fill=tuple(colours[k]))
+        for share, top, fill in ((pool_share, y, (170, 170, 170)), (subset_share, y + 8, tuple(colours[k]))):
+            if share > 0:
+                draw.rectangle((label_w, top, label_w + max(1, round(bar_w * share)), top + 7), fill=fill)
         draw.text((label_w + bar_w + 8, y + 2), f"{100 * pool_share:5.1f}% -> {100 * subset_share:5.1f}%",
                   fill="black")
     return chart
