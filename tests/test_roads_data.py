@@ -26,7 +26,7 @@ from segjax.data.prepare_roads import (
     load_pickle,
     split_pool,
 )
-from segjax.data.semantic import SegmentationSource
+from segjax.data.semantic import SegmentationSource, SegPair, save_mask
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -231,6 +231,29 @@ def test_unknown_label_values(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     assert scan.class_pixels[1].sum() == scan.class_pixels[0].sum() - 15
     read = roads.read_label(bad_file, roads.label_lut(26))
     assert (read[:3, :5] == 255).all() and (read[3:] == label[3:]).all()
+
+
+def test_label_modes(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    _, label = _scene(0, classes=(0, 9, 25))
+    label[:2] = 255
+    (tmp_path / "l").mkdir()
+    save_mask(tmp_path / "l" / "p.png", label)  # palette PNG: the indices count, not the colours
+    Image.fromarray(label).save(tmp_path / "l" / "l.png")
+    Image.fromarray(label > 100).save(tmp_path / "l" / "one.png")  # mode 1: 0/1
+    Image.fromarray(np.stack([label] * 3, -1)).save(tmp_path / "l" / "rgb.png")
+    expected = np.bincount(label.ravel(), minlength=256)
+    for name in ("p.png", "l.png"):
+        hist, size = roads.label_histogram(tmp_path / "l" / name)
+        np.testing.assert_array_equal(hist, expected)
+        assert size == label.shape
+    hist, _ = roads.label_histogram(tmp_path / "l" / "one.png")
+    assert hist[1] == (label > 100).sum() and hist[0] == (label <= 100).sum() and hist[2:].sum() == 0
+    pairs = [SegPair("unused", str(tmp_path / "l" / name), name) for name in ("p.png", "rgb.png")]
+    report = SkipReport()
+    with caplog.at_level(logging.WARNING):
+        scan = roads.scan_labels(pairs, 26, report=report, workers=2)
+    assert [p.id for p in scan.pairs] == ["p.png"] and report.counts == {"unreadable": 1}
+    assert "mask mode RGB is not a class-index mask" in caplog.text
 
 
 # ---------------------------------------------------------------- transforms
