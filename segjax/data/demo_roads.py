@@ -89,7 +89,7 @@ def render_road_scene(rng: np.random.Generator, height: int, width: int, light: 
         top = horizon - rng.uniform(0.15, 0.35) * height
         where = (xs >= x) & (xs < x + seg_w) & (ys < horizon + 2)
         if rng.random() < 0.5:
-            wall = random_colour(rng, rng.uniform(0.05, 0.1)) * 0.3 + 90.0
+            wall = random_colour(rng, rng.uniform(0.55, 0.65)) * 0.25 + 85.0  # cool grey, unlike the warm pavement
             windows = ((ys.astype(int) % 8) < 4) & ((xs.astype(int) % 8) < 4)
             colour = wall * (1.0 - 0.45 * windows[..., None]) + _noise(rng, (height, width), 5.0)
             _paint(pixels, label, where & (ys >= top), colour, BUILDING)
@@ -118,7 +118,7 @@ def render_road_scene(rng: np.random.Generator, height: int, width: int, light: 
         bottom = rng.uniform(horizon + 0.15 * (height - horizon), height)
         d = (bottom - horizon) / (height - horizon)
         objects.append(("vehicle", bottom, vx + rng.uniform(-0.45, 0.45) * d * width, d))
-    for _ in range(int(rng.integers(0, 3))):
+    for _ in range(int(rng.integers(1, 3))):
         bottom = rng.uniform(horizon + 0.2 * (height - horizon), height)
         d = (bottom - horizon) / (height - horizon)
         side = rng.choice([-1.0, 1.0])
@@ -130,8 +130,8 @@ def render_road_scene(rng: np.random.Generator, height: int, width: int, light: 
             mask, colours = _vehicle(rng, height, width, bottom, scale, cx, auto)
             _paint(pixels, label, mask, colours + _noise(rng, (height, width), 5.0), AUTORICKSHAW if auto else CAR)
         else:
-            person_h = 1.1 * scale
-            mask = rasterise(person_parts(cx, bottom - person_h, person_h, 0.36 * person_h, 0.0), height, width)
+            person_h = 1.5 * scale
+            mask = rasterise(person_parts(cx, bottom - person_h, person_h, 0.45 * person_h, 0.0), height, width)
             clothes = random_colour(rng, rng.random()) * 0.8 + _noise(rng, (height, width), 6.0)
             head = ys < bottom - 0.82 * person_h
             colours = np.where(head[..., None], np.array([200.0, 150.0, 120.0]), clothes)
