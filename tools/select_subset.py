@@ -12,14 +12,11 @@ it in the pool and in the subset).
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import time
-from pathlib import Path
 
 from segjax.data import roads, subset
 from segjax.data.errors import DataError, SkipReport
-from segjax.data.prepare_roads import write_lists
 
 
 def _weights(text: str) -> tuple[float, float, float]:
@@ -65,24 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("select_subset").error("%s", err)
         return 2
     paths = [pair.id for pair in scan.pairs]
-    scores = subset.subset_scores(paths, scan.class_pixels, min_pixels=args.min_pixels, weights=args.weights)
-    order = subset.rank(paths, scores["score"])
-    chosen = order[: args.num]
-    out = Path(args.out_dir)
-    write_lists({"subset": [paths[i] for i in chosen]}, out)
-    with open(out / "scores.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "cds", "rcs", "ics", "score"])
-        for i in order:
-            writer.writerow([paths[i], int(scores["cds"][i]), f"{scores['rcs'][i]:.6f}", int(scores["ics"][i]),
-                             f"{scores['score'][i]:.6f}"])
-    present = subset.present_classes(scan.class_pixels, args.min_pixels)
-    subset.frequency_chart(classes.names, present.sum(axis=0), present[chosen].sum(axis=0), len(paths), len(chosen),
-                           classes.colours).save(out / "class_frequency.png")
+    files = subset.write_selection(paths, scan.class_pixels, args.out_dir, num=args.num, names=classes.names,
+                                   colours=classes.colours, min_pixels=args.min_pixels, weights=args.weights)
     skipped = {reason: entry["count"] for reason, entry in report.as_dict().items()}
     print(f"ranked {len(paths)} images ({len(paths) / seconds:.0f} labels/s, {seconds:.1f} s; skipped: "
-          f"{skipped or 'none'}); kept {len(chosen)} in {out / 'subset.txt'}, scores in {out / 'scores.csv'}, "
-          f"chart {out / 'class_frequency.png'}")
+          f"{skipped or 'none'}); kept {min(args.num, len(paths))} in {files['subset']}, scores in "
+          f"{files['scores']}, chart {files['chart']}")
     return 0
 
 

@@ -8,9 +8,11 @@ score = a*CDS/max CDS + b*RCS/max RCS + g*ICS/max ICS (a term is 0 when its max 
 """
 from __future__ import annotations
 
+import csv
+import os
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -69,3 +71,29 @@ def frequency_chart(names: Sequence[str], pool_images: np.ndarray, subset_images
         draw.text((label_w + bar_w + 8, y + 2), f"{100 * pool_share:5.1f}% -> {100 * subset_share:5.1f}%",
                   fill="black")
     return chart
+
+
+def write_selection(paths: Sequence[str], class_pixels: np.ndarray, out_dir: str | os.PathLike, *, num: int,
+                    names: Sequence[str], colours: Sequence[Sequence[int]], min_pixels: int = 1,
+                    weights: Sequence[float] = DEFAULT_WEIGHTS) -> dict[str, str]:
+    """Rank the pool and write out_dir/subset.txt (the top `num` paths, rank order), scores.csv
+    (path,cds,rcs,ics,score for the whole pool, rank order) and class_frequency.png; returns
+    those files by name ("subset", "scores", "chart")."""
+    scores = subset_scores(paths, class_pixels, min_pixels=min_pixels, weights=weights)
+    order = rank(paths, scores["score"])
+    chosen = order[:num]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"subset": str(out / "subset.txt"), "scores": str(out / "scores.csv"),
+             "chart": str(out / "class_frequency.png")}
+    Path(files["subset"]).write_text("".join(f"{paths[i]}\n" for i in chosen))
+    with open(files["scores"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "cds", "rcs", "ics", "score"])
+        for i in order:
+            writer.writerow([paths[i], int(scores["cds"][i]), f"{scores['rcs'][i]:.6f}", int(scores["ics"][i]),
+                             f"{scores['score'][i]:.6f}"])
+    present = present_classes(class_pixels, min_pixels)
+    frequency_chart(names, present.sum(axis=0), present[chosen].sum(axis=0), len(paths), len(chosen),
+                    colours).save(files["chart"])
+    return files
