@@ -142,6 +142,9 @@ def test_cityscapes_style_layouts_and_lists(tmp_path: Path):
     (tmp_path / "abs.txt").write_text(f"{idd}/leftImg8bit/train/a/000000_leftImg8bit.png\n")
     with pytest.raises(DataError, match="not a path relative"):
         roads.load_road_data(idd, list_file=tmp_path / "abs.txt", num_classes=26)
+    (tmp_path / "twice.txt").write_text("leftImg8bit/train/a/000000_leftImg8bit.png\n" * 2)
+    with pytest.raises(DataError, match="listed twice"):
+        roads.load_road_data(idd, list_file=tmp_path / "twice.txt", num_classes=26)
 
     # IDD Lite: _image.jpg + _label.png, level-1 classes.
     lite = tmp_path / "lite"
@@ -483,7 +486,7 @@ def test_split_dataset_tool(tmp_path: Path):
 def test_convert_pickle(tmp_path: Path):
     image, label = _scene(0)
     records = [
-        {"image": image, "label": label, "subdir": "drive1", "file_name": "x.jpg"},
+        {"image": image, "label": label, "subdir": "drive1", "file_name": "/data/idd/x.jpg"},
         {"img": Image.fromarray(image), "mask": Image.fromarray(label)},
         {"pixel_values": image.transpose(2, 0, 1).astype(np.float32) / 255.0,
          "segmentation_map": label.astype(np.int64)},

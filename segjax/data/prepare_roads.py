@@ -114,11 +114,11 @@ def label_array(value: Any) -> np.ndarray:
     return array.astype(np.uint8)
 
 
-def _safe_part(value: Any, what: str) -> str:
-    text = str(value)
-    name = PurePosixPath(text).name
-    if not name or name in (".", "..") or name != text.replace("\\", "/").split("/")[-1]:
-        raise ValueError(f"{what} {text!r} is not a plain name")
+def _file_part(value: Any, what: str) -> str:
+    """The last component of a name or path (records often keep their original file path)."""
+    name = PurePosixPath(str(value).replace("\\", "/")).name
+    if name in ("", ".", ".."):
+        raise ValueError(f"{what} {value!r} names no file")
     return name
 
 
@@ -149,8 +149,8 @@ def convert_records(data: Any, out_root: str | os.PathLike, *, subdir: str = "po
             continue
         try:
             pixels, classes = image_array(image), label_array(label)
-            stem = Path(_safe_part(name, "name")).stem if name is not None else f"{index:06d}"
-            folder = _safe_part(folder, "subdirectory") if folder is not None else subdir
+            stem = Path(_file_part(name, "name")).stem if name is not None else f"{index:06d}"
+            folder = _file_part(folder, "subdirectory") if folder is not None else subdir
         except ValueError as err:
             logger.warning("record %d: %s", index, err)
             report.add(BAD_ARRAY, index)
