@@ -139,7 +139,7 @@ def load_voc_split(root: str | os.PathLike, split: str, *, report: SkipReport | 
             continue
         # Other VOC lists carry a second column (a flag); the id is always the first.
         pair_id = line.split()[0]
-        pair = _checked_pair(base / "JPEGImages" / f"{pair_id}.jpg", base / "SegmentationClass" / f"{pair_id}.png",
+        pair = checked_pair(base / "JPEGImages" / f"{pair_id}.jpg", base / "SegmentationClass" / f"{pair_id}.png",
                              pair_id, report)
         if pair is not None:
             pairs.append(pair)
@@ -166,7 +166,7 @@ def load_folder_pairs(
         report.add(MASK_WITHOUT_IMAGE, stem)
     pairs = []
     for stem in sorted(images.keys() & masks.keys()):
-        pair = _checked_pair(images[stem], masks[stem], stem, report)
+        pair = checked_pair(images[stem], masks[stem], stem, report)
         if pair is not None:
             pairs.append(pair)
     return _finish(pairs, report, f"folders {img_dir} + {mask_dir}")
@@ -205,7 +205,7 @@ def _header_sizes(path: Path) -> set[tuple[int, int]]:
     return {(width, height), (height, width)} if rotated else {(width, height)}
 
 
-def _checked_pair(image_path: Path, mask_path: Path, pair_id: str, report: SkipReport) -> SegPair | None:
+def checked_pair(image_path: Path, mask_path: Path, pair_id: str, report: SkipReport) -> SegPair | None:
     """The pair if both files exist and their headers agree on the size, else None (counted)."""
     if not image_path.is_file():
         report.add(IMAGE_MISSING, pair_id)
@@ -236,28 +236,38 @@ def _finish(pairs: list[SegPair], report: SkipReport, what: str) -> list[SegPair
     return pairs
 
 
-def _augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, crop_size: int,
-             scale: tuple[float, float], flip: bool, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
-    """Joint random resize, crop (padding when smaller) and horizontal flip of image and mask."""
+def random_scale_crop_flip(
+    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, crop: tuple[int, int],
+    scale: tuple[float, float], flip: bool, ignore_index: int, base_factor: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Joint random resize, crop (padding when smaller) and horizontal flip of image and mask.
+
+    The resize factor is base_factor times a uniform draw from `scale`; crop is (height, width).
+    Returns the image, the mask and a bool map of the pixels that came from the image (False on
+    padding), all [crop_h, crop_w].
+    """
     height, width = mask.shape
-    factor = rng.uniform(*scale)
+    crop_h, crop_w = crop
+    factor = base_factor * rng.uniform(*scale)
     new_h, new_w = max(1, round(height * factor)), max(1, round(width * factor))
     if (new_h, new_w) != (height, width):
         image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
         # Nearest for labels: interpolating class indices would invent classes at boundaries.
         mask = np.asarray(Image.fromarray(mask).resize((new_w, new_h), Image.Resampling.NEAREST))
-    pad_h, pad_w = max(crop_size - new_h, 0), max(crop_size - new_w, 0)
+    valid = np.ones((new_h, new_w), dtype=bool)
+    pad_h, pad_w = max(crop_h - new_h, 0), max(crop_w - new_w, 0)
     if pad_h or pad_w:
         # Padded pixels are ignored by the loss and metrics, whatever the model predicts there.
         image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
         mask = np.pad(mask, ((0, pad_h), (0, pad_w)), constant_values=ignore_index)
-    top = int(rng.integers(0, mask.shape[0] - crop_size + 1))
-    left = int(rng.integers(0, mask.shape[1] - crop_size + 1))
-    image = image[top : top + crop_size, left : left + crop_size]
-    mask = mask[top : top + crop_size, left : left + crop_size]
+        valid = np.pad(valid, ((0, pad_h), (0, pad_w)))
+    top = int(rng.integers(0, mask.shape[0] - crop_h + 1))
+    left = int(rng.integers(0, mask.shape[1] - crop_w + 1))
+    window = (slice(top, top + crop_h), slice(left, left + crop_w))
+    image, mask, valid = image[window], mask[window], valid[window]
     if flip and rng.random() < 0.5:
-        image, mask = image[:, ::-1], mask[:, ::-1]
-    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+        image, mask, valid = image[:, ::-1], mask[:, ::-1], valid[:, ::-1]
+    return np.ascontiguousarray(image), np.ascontiguousarray(mask), np.ascontiguousarray(valid)
 
 
 def make_seg_example(
@@ -294,5 +304,5 @@ def make_seg_example(
         image, _ = resize_letterbox(image, size)
         mask, _ = resize_letterbox(mask, size, fill=ignore_index, resample=Image.Resampling.NEAREST)
     else:
-        image, mask = _augment(image, mask, rng, size, scale, flip, ignore_index)
+        image, mask, _ = random_scale_crop_flip(image, mask, rng, (size, size), scale, flip, ignore_index)
     return {"image": image, "mask": mask, "image_ok": np.asarray(True)}
