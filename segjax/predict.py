@@ -27,7 +27,8 @@ from flax import nnx
 from PIL import Image
 
 from segjax import config as config_lib
-from segjax.data.images import BadImage, read_rgb, resize_letterbox
+from segjax.data.files import BadImage, read_rgb
+from segjax.data.transforms import resize_letterbox
 from segjax.engine.runlog import setup_console_logging
 from segjax.evaluate import restore_model
 

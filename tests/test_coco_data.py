@@ -16,10 +16,11 @@ from PIL import Image, ImageFile
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from segjax.data import coco, demo, prepare
-from segjax.data.coco import PersonImage, PersonRoiSource, load_person_index, make_roi_example, roi_targets
+from segjax.data import coco, demo, prepare, transforms
+from segjax.data.coco import PersonImage, PersonRoiSource, load_person_index
 from segjax.data.errors import DataError, SkipReport
-from segjax.data.images import BadImage, read_rgb, resize_letterbox
+from segjax.data.files import BadImage, read_rgb
+from segjax.data.transforms import make_roi_example, resize_letterbox, roi_targets
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ANN = "super_gradients/tests/data/tinycoco/annotations/instances_val2017.json"
@@ -405,7 +406,7 @@ def test_jitter_inside_image_and_deterministic(realdata: Path):
     boxes = np.array([[0, 0, 640, 480], [0, 0, 1, 1], [639, 479, 640, 480], [100, 50, 200, 300]], float)
     rng = np.random.default_rng(0)
     for _ in range(200):
-        out = coco.jitter_boxes(boxes, rng, 0.3, 480, 640)
+        out = transforms.jitter_boxes(boxes, rng, 0.3, 480, 640)
         assert (out >= 0).all() and (out[:, [0, 2]] <= 640).all() and (out[:, [1, 3]] <= 480).all()
         assert (out[:, 2:] - out[:, :2] >= 1 - 1e-9).all()
 

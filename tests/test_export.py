@@ -16,7 +16,7 @@ from segjax import serve_bench, tasks
 from segjax.export import onnx as onnx_export
 from segjax.export.onnx import export, format_report
 from segjax.export.runtime import make_session, random_inputs, read_metadata
-from segjax.models.semantic import SEMANTIC_MODELS
+from segjax.models.semantic_models import SEMANTIC_MODELS
 from segjax.train import resolve_config, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]

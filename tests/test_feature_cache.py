@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from jax2onnx import to_onnx
 
-from segjax.data import feature_cache
+from segjax.data import feature_cache, files
 from segjax.data.feature_cache import OnnxFeatureExtractor, cache_name
 from segjax.export import runtime
 from segjax.export.runtime import available_providers, make_session, read_metadata
@@ -142,14 +142,14 @@ def test_interrupted_writes_are_never_read(exported, tmp_path, monkeypatch):
         raise KeyboardInterrupt("crash while writing")
 
     with monkeypatch.context() as m:
-        m.setattr(feature_cache.np, "save", crash_mid_write)
+        m.setattr(np, "save", crash_mid_write)
         with pytest.raises(KeyboardInterrupt):
             ex.features("k", image)
     assert list(tmp_path.iterdir()) == []  # a crash that Python sees removes its temp file
 
     with monkeypatch.context() as m:
-        m.setattr(feature_cache.np, "save", crash_mid_write)
-        m.setattr(feature_cache.os, "unlink", lambda p: None)  # a killed process cleans nothing up
+        m.setattr(np, "save", crash_mid_write)
+        m.setattr(files.os, "unlink", lambda p: None)  # a killed process cleans nothing up
         with pytest.raises(KeyboardInterrupt):
             ex.features("k", image)
     assert len(list(tmp_path.iterdir())) == 1  # the half-written temp file stays behind

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segjax.data import memmap, pipeline
+from segjax.data import pipeline, prepare
 from segjax.data.demo_portrait import prepare_portrait_demo, write_portrait_demo
 from segjax.data.errors import DataError
-from segjax.data.memmap import MemmapSource, augment_portrait, eval_portrait, prepare_memmaps
+from segjax.data.memmap import MemmapSource
+from segjax.data.prepare import prepare_memmaps
+from segjax.data.transforms import augment_portrait, eval_portrait
 
 REPO = Path(__file__).resolve().parents[1]
 S = 16
@@ -99,9 +101,10 @@ def test_prepare_pairs_skips_and_writes_sidecars(folders, tmp_path: Path):
     train, val = summary["splits"]["train"], summary["splits"]["val"]
     assert train["count"] == 6 and val["count"] == 1
     assert {r: v["count"] for r, v in train["skipped"].items()} == {
-        "missing_mask": 1, "missing_image": 1, "bad_image": 1, "bad_mask": 1, "size_mismatch": 1, "duplicate_stem": 1}
-    assert train["skipped"]["bad_image"]["examples"][0].endswith("broken.jpg")
-    assert train["skipped"]["bad_mask"]["examples"][0].endswith("badmask.png")
+        "image_without_mask": 1, "mask_without_image": 1, "image_unreadable": 1, "mask_unreadable": 1,
+        "size_mismatch": 1, "duplicate_stem": 1}
+    assert train["skipped"]["image_unreadable"]["examples"][0].endswith("broken.jpg")
+    assert train["skipped"]["mask_unreadable"]["examples"][0].endswith("badmask.png")
     assert val["skipped"] == {}
     assert Path(train["images"]).name == "train_16_u8_images.mmap"
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -256,8 +259,8 @@ def test_a_crash_leaves_no_complete_looking_file(folders, tmp_path: Path, monkey
             raise KeyboardInterrupt
         return fit(*args, **kwargs)
 
-    fit = memmap._fit
-    monkeypatch.setattr(memmap, "_fit", crash)
+    fit = prepare._fit
+    monkeypatch.setattr(prepare, "_fit", crash)
     with pytest.raises(KeyboardInterrupt):
         _prepare(folders, out, mask_threshold=90)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old complete files untouched
@@ -344,7 +347,8 @@ def test_cli_prints_counts_and_skips(folders, tmp_path: Path):
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "train: 6 records" in result.stdout and "val: 1 records" in result.stdout
-    for reason in ("missing_mask", "missing_image", "bad_image", "bad_mask", "size_mismatch", "duplicate_stem"):
+    for reason in ("image_without_mask", "mask_without_image", "image_unreadable", "mask_unreadable", "size_mismatch",
+                   "duplicate_stem"):
         assert f"skipped {reason}: 1" in result.stdout
     assert (tmp_path / "cli" / "train_16_fp16_images.mmap").is_file()
     meta = json.loads((tmp_path / "cli" / "train_16_fp16_masks.mmap.json").read_text())

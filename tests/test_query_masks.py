@@ -16,7 +16,7 @@ from PIL import Image
 from segjax import predict, tasks
 from segjax import train as train_cli
 from segjax.data.demo_portrait import write_portrait_demo
-from segjax.data.memmap import prepare_memmaps
+from segjax.data.prepare import prepare_memmaps
 from segjax.train import resolve_config, train_and_evaluate
 
 # 64 px: at 32 the backbone's last stage is 1x1, where BatchNorm's batch statistics of a single

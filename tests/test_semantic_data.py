@@ -20,15 +20,15 @@ from pycocotools.coco import COCO
 
 from segjax.data import demo, pipeline
 from segjax.data.errors import DataError, SkipReport
-from segjax.data.images import BadImage, read_rgb, resize_letterbox
-from segjax.data.prepare_semantic import load_class_names, prepare_coco_semantic, triptych
-from segjax.data.semantic import (
+from segjax.data.files import BadImage, read_rgb
+from segjax.data.prepare import load_class_names, prepare_coco_semantic, triptych
+from segjax.data.transforms import make_seg_example, resize_letterbox
+from segjax.data.voc import (
     VOC_CLASSES,
     SegmentationSource,
     SegPair,
     load_folder_pairs,
     load_voc_split,
-    make_seg_example,
     read_mask,
     save_mask,
     voc_palette,
@@ -102,7 +102,7 @@ def test_voc_split_skips_are_counted(realdata: Path, tmp_path: Path, caplog: pyt
     with caplog.at_level(logging.WARNING):
         pairs = load_voc_split(tmp_path / "voc", "train", report=report)
     assert [p.id for p in pairs] == ["2007_000063"]
-    assert report.counts == {"image_missing": 1, "mask_missing": 1, "size_mismatch": 1, "unreadable": 1}
+    assert report.counts == {"image_missing": 1, "mask_missing": 1, "size_mismatch": 1, "image_unreadable": 1}
     assert report.examples["size_mismatch"] == ["2011_000025"] and "size_mismatch" in caplog.text
     split.write_text("2011_000003\n")
     with pytest.raises(DataError, match="no usable image/mask pairs.*image_missing"):
@@ -170,8 +170,9 @@ def test_camvid_folder_pairs(realdata: Path, tmp_path: Path):
     report = SkipReport()
     pairs = load_folder_pairs(images, labels, report=report)
     assert [p.id for p in pairs] == [CAMVID_STEMS[1], f"seq1/{CAMVID_STEMS[0]}"]
-    assert report.counts == {"duplicate_stem": 1, "image_without_mask": 1, "mask_without_image": 2}
-    assert report.examples["mask_without_image"] == ["orphan", "twice"]
+    # A stem with two images is one ambiguous pair, not also a mask without an image.
+    assert report.counts == {"duplicate_stem": 1, "image_without_mask": 1, "mask_without_image": 1}
+    assert report.examples["mask_without_image"] == ["orphan"] and report.examples["duplicate_stem"] == ["twice"]
     np.testing.assert_array_equal(read_mask(pairs[1].mask_path),
                                   read_mask(camvid / "labels" / f"{CAMVID_STEMS[0]}_P.png"))
 

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from segjax.models.resnet import RESNETS
-from segjax.models.semantic import SEMANTIC_MODELS
+from segjax.models.semantic_models import SEMANTIC_MODELS
 from segjax.ops.resize import adaptive_avg_pool, resize_bilinear, resize_nearest
 
 NUM_CLASSES = 5

@@ -12,7 +12,7 @@ import argparse
 import logging
 
 from segjax.data.errors import DataError
-from segjax.data.prepare_semantic import CROWD_MODES, prepare_coco_semantic
+from segjax.data.prepare import CROWD_MODES, prepare_coco_semantic
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import argparse
 import logging
 
 from segjax.data.errors import DataError
-from segjax.data.memmap import prepare_memmaps
+from segjax.data.prepare import prepare_memmaps
 
 
 def main(argv: list[str] | None = None) -> int:

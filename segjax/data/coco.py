@@ -1,4 +1,4 @@
-"""COCO person instances for the RoIAlign mask head: index, masks, ROI targets, examples."""
+"""COCO instances files: reading and cleaning annotations, the person index, instance masks, ROI sources."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,9 +14,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from segjax.data.errors import DataError, SkipReport
-from segjax.data.images import BadImage, read_rgb_sized, resize_letterbox
-# One of the skip reasons below (decoded image size differs from the JSON size), kept importable here.
+from segjax.data.errors import IMAGE_MISSING, DataError, SkipReport
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +30,6 @@ POLYGON_PART_DROPPED = "polygon_part_dropped"  # a polygon part with < 3 points 
 EMPTY_POLYGON = "empty_polygon"  # no polygon part left: annotation skipped
 BAD_SEGMENTATION = "bad_segmentation"  # unknown format, RLE of another size or bad counts
 DEGENERATE_BOX = "degenerate_box"  # bbox missing, non-finite, or w/h < 1 px inside the image
-IMAGE_MISSING = "image_missing"  # image file not on disk
 NO_PERSON = "no_person"  # image without a valid person (with require_persons)
 
 
@@ -117,7 +114,8 @@ def _compressed_rle_total(counts: str) -> int | None:
     """Pixels covered by a compressed COCO RLE string; None if it is cut short or a run is negative.
 
     Follows rleFrString of the COCO mask API: 5-bit groups with a continuation bit, runs
-    after the second stored as differences to the run two before.
+    after the second stored as differences to the run two before. Re-implemented because
+    pycocotools neither validates nor exposes the runs: it decodes a bad string to garbage or aborts.
     """
     runs: list[int] = []
     pos = 0
@@ -278,41 +276,6 @@ def instance_masks(image: PersonImage) -> tuple[np.ndarray, np.ndarray]:
     return person_masks, crowd_mask
 
 
-def _bin_centres(lo: np.ndarray, hi: np.ndarray, bins: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest pixel index of each bin centre [R, bins] and whether it lies inside [0, limit)."""
-    centres = lo[:, None] + (np.arange(bins) + 0.5)[None, :] * ((hi - lo) / bins)[:, None]
-    index = np.floor(centres).astype(np.int64)
-    inside = (index >= 0) & (index < limit)
-    return np.clip(index, 0, limit - 1), inside
-
-
-def roi_targets(
-    person_masks: np.ndarray,
-    crowd_mask: np.ndarray,
-    person_ids: Sequence[int] | np.ndarray,
-    boxes: np.ndarray,
-    mask_size: int = 56,
-) -> np.ndarray:
-    """ROI mask targets uint8 [R, mask_size, mask_size]: 1 this person, 2 other people, 0 rest.
-
-    boxes are [R, 4] x1, y1, x2, y2 in the masks' pixel space; each bin centre samples its
-    nearest pixel, and bins outside the image are background.
-    """
-    person_ids = np.asarray(person_ids, dtype=np.int64)
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    height, width = crowd_mask.shape
-    # How many people cover each pixel (crowd included): "others" = that count minus one's own mask.
-    people = person_masks.astype(np.int32).sum(axis=0) + (crowd_mask > 0)
-    ys, y_in = _bin_centres(boxes[:, 1], boxes[:, 3], mask_size, height)
-    xs, x_in = _bin_centres(boxes[:, 0], boxes[:, 2], mask_size, width)
-    inside = y_in[:, :, None] & x_in[:, None, :]
-    rows, cols = ys[:, :, None], xs[:, None, :]
-    own = person_masks[person_ids[:, None, None], rows, cols] > 0
-    others = people[rows, cols] - own > 0
-    targets = np.where(own, THIS_PERSON, np.where(others, OTHER_PERSON, BACKGROUND)).astype(np.uint8)
-    return np.where(inside, targets, BACKGROUND).astype(np.uint8)
-
-
 class PersonRoiSource:
     """Random-access source of (PersonImage, person indices), one entry per chunk of <= max_rois persons."""
 
@@ -337,68 +300,3 @@ class PersonRoiSource:
 
     def __repr__(self) -> str:
         return f"PersonRoiSource({len(self.images)} images, {len(self)} entries, max_rois={self.max_rois})"
-
-
-def jitter_boxes(boxes: np.ndarray, rng: np.random.Generator, jitter: float, height: int, width: int) -> np.ndarray:
-    """Move each side by up to jitter x box size, clip to the image, keep >= 1 px wide and high."""
-    boxes = np.asarray(boxes, dtype=np.float64)
-    size = np.concatenate([boxes[:, 2:] - boxes[:, :2]] * 2, axis=1)
-    boxes = boxes + rng.uniform(-jitter, jitter, size=boxes.shape) * size
-    limits = np.array([width, height], dtype=np.float64)
-    lo = np.clip(boxes[:, :2], 0.0, limits - 1.0)
-    hi = np.clip(np.maximum(boxes[:, 2:], lo + 1.0), 1.0, limits)
-    return np.concatenate([lo, hi], axis=1)
-
-
-def _empty_example(image_id: int, image_size: int, max_rois: int, mask_size: int) -> dict[str, np.ndarray]:
-    return {
-        "image": np.zeros((image_size, image_size, 3), dtype=np.uint8),
-        "rois": np.zeros((max_rois, 4), dtype=np.float32),
-        "roi_valid": np.zeros((max_rois,), dtype=bool),
-        "targets": np.zeros((max_rois, mask_size, mask_size), dtype=np.uint8),
-        "image_ok": np.asarray(False),
-        "image_id": np.asarray(image_id, dtype=np.int64),
-    }
-
-
-def make_roi_example(
-    entry: tuple[PersonImage, tuple[int, ...]],
-    *,
-    image_size: int,
-    max_rois: int,
-    mask_size: int = 56,
-    rng: np.random.Generator | None = None,
-    jitter: float = 0.1,
-    flip: bool = True,
-) -> dict[str, np.ndarray]:
-    """Fixed-shape numpy example for one source entry; rng None means validation (no augmentation).
-
-    A bad image does not raise: it is logged and comes back with image_ok False and no valid ROI.
-    """
-    image, person_ids = entry
-    if len(person_ids) > max_rois:
-        raise ValueError(f"entry has {len(person_ids)} persons but max_rois is {max_rois}")
-    example = _empty_example(image.image_id, image_size, max_rois, mask_size)
-    try:
-        pixels = read_rgb_sized(image.path, image.height, image.width)
-    except BadImage as err:
-        logger.warning("skipping image %s (id %d): %s", err.path, image.image_id, err.reason)
-        return example
-    person_masks, crowd_mask = instance_masks(image)
-    boxes = np.array([image.persons[i]["bbox"] for i in person_ids], dtype=np.float64).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]
-    if rng is not None and jitter > 0:
-        boxes = jitter_boxes(boxes, rng, jitter, image.height, image.width)
-    targets = roi_targets(person_masks, crowd_mask, person_ids, boxes, mask_size)
-    if rng is not None and flip and rng.random() < 0.5:
-        # Mirroring the targets equals sampling flipped masks with the flipped boxes, bin for bin.
-        pixels = pixels[:, ::-1]
-        boxes = np.stack([image.width - boxes[:, 2], boxes[:, 1], image.width - boxes[:, 0], boxes[:, 3]], axis=1)
-        targets = targets[:, :, ::-1]
-    example["image"], scale = resize_letterbox(np.ascontiguousarray(pixels), image_size)
-    count = len(person_ids)
-    example["rois"][:count] = boxes * scale
-    example["roi_valid"][:count] = True
-    example["targets"][:count] = targets
-    example["image_ok"] = np.asarray(True)
-    return example

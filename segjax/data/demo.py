@@ -1,4 +1,9 @@
-"""Small deterministic demo data sets in real on-disk formats, written into a cache directory."""
+"""Small deterministic demo data sets in real on-disk formats, written into a cache directory.
+
+Every demo world goes through `cached_demo`: it is rewritten only when its parameters (or its
+version) change or a file is missing. Shared drawing helpers live here too; this module holds the
+COCO person, VOC and COCO semantic worlds, `demo_portrait` the portrait one.
+"""
 from __future__ import annotations
 
 import colorsys
@@ -7,6 +12,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import numpy as np
@@ -14,8 +20,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from segjax.data.prepare_semantic import prepare_coco_semantic
-from segjax.data.semantic import VOC_CLASSES, save_mask
+from segjax.data.files import write_atomic
+from segjax.data.prepare import prepare_coco_semantic
+from segjax.data.voc import VOC_CLASSES, save_mask
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +31,6 @@ Renderer = Callable[[np.random.Generator, int, int, bool], tuple[np.ndarray, lis
 
 # Bump when the generated content changes, so cached copies are rewritten.
 COCO_PERSON_DEMO_VERSION = 1
-_MARKER = "segjax_coco_person_demo.json"
 _CATEGORIES = [
     {"supercategory": "person", "id": 1, "name": "person"},
     {"supercategory": "vehicle", "id": 2, "name": "bicycle"},
@@ -42,6 +48,28 @@ _IMAGE_ID_BASE = {"train2017": 1_000, "val2017": 500_000}
 def default_demo_root() -> Path:
     """Cache directory for demo data: $SEGJAX_DEMO_ROOT or ~/.cache/segjax/demo."""
     return Path(os.environ.get("SEGJAX_DEMO_ROOT", Path.home() / ".cache" / "segjax" / "demo"))
+
+
+def cached_demo(root: Path, name: str, version: int, params: dict, expected: Iterable[str | Path],
+                write: Callable[[], object]) -> None:
+    """Run `write()` unless `root` already holds the `name` demo of this version and params.
+
+    The marker `root/segjax_<name>_demo.json` records version and params and is written last, so
+    it means everything before it is complete; `expected` files must exist as well.
+    """
+    marker = root / f"segjax_{name}_demo.json"
+    params = {"version": version, **params}
+    try:
+        complete = json.loads(marker.read_text()) == params and all(Path(p).exists() for p in expected)
+    except (OSError, ValueError):
+        complete = False
+    if complete:
+        logger.info("reusing %s demo data in %s", name, root)
+        return
+    logger.info("writing %s demo data %s into %s", name, params, root)
+    marker.unlink(missing_ok=True)
+    write()
+    write_atomic(marker, json.dumps(params))
 
 
 def _ellipse(cx: float, cy: float, rx: float, ry: float, points: int = 20) -> list[float]:
@@ -181,7 +209,10 @@ def _annotation(rng: np.random.Generator, category: int, parts: list[list[float]
 
 
 def _uncompressed_rle(mask: np.ndarray) -> dict:
-    """Column-major run lengths starting with a background run, as in COCO crowd annotations."""
+    """Column-major run lengths starting with a background run, as in COCO crowd annotations.
+
+    Written here because pycocotools only encodes the compressed (string) form.
+    """
     flat = mask.T.ravel().astype(np.int8)
     changes = np.flatnonzero(np.diff(flat)) + 1
     bounds = np.concatenate([[0], changes, [flat.size]])
@@ -222,9 +253,7 @@ def _write_split(root: Path, split: str, count: int, size: tuple[int, int], seed
     }
     ann_file = root / "annotations" / f"instances_{split}.json"
     ann_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ann_file.with_name(ann_file.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, ann_file)
+    write_atomic(ann_file, json.dumps(data))
 
 
 def write_coco_person_demo(
@@ -240,60 +269,34 @@ def write_coco_person_demo(
     Returns the paths {train_ann, val_ann, train_img_dir, val_img_dir}.
     """
     root = Path(root)
-    paths = {
-        "train_ann": str(root / "annotations" / "instances_train2017.json"),
-        "val_ann": str(root / "annotations" / "instances_val2017.json"),
-        "train_img_dir": str(root / "train2017"),
-        "val_img_dir": str(root / "val2017"),
-    }
-    params = {
-        "version": COCO_PERSON_DEMO_VERSION,
-        "num_train": num_train,
-        "num_val": num_val,
-        "image_size": list(image_size),
-        "seed": seed,
-    }
-    marker = root / _MARKER
-    if _is_complete(marker, params, paths):
-        logger.info("reusing COCO person demo data in %s", root)
-        return paths
-    logger.info("writing COCO person demo data (%d train, %d val images) into %s", num_train, num_val, root)
-    marker.unlink(missing_ok=True)
-    for split, count in (("train2017", num_train), ("val2017", num_val)):
-        _write_split(root, split, count, tuple(image_size), seed, _render_image, _PERSON_INFO, _CATEGORIES)
-    # Written last: its presence means everything before it is complete.
-    marker.write_text(json.dumps(params))
+    counts = {"train": num_train, "val": num_val}
+    paths, files = _coco_layout(root, counts)
+
+    def write() -> None:
+        for split, count in counts.items():
+            _write_split(root, f"{split}2017", count, tuple(image_size), seed, _render_image, _PERSON_INFO,
+                         _CATEGORIES)
+
+    params = {"num_train": num_train, "num_val": num_val, "image_size": list(image_size), "seed": seed}
+    cached_demo(root, "coco_person", COCO_PERSON_DEMO_VERSION, params, files, write)
     return paths
 
 
-def marker_matches(marker: Path, params: dict) -> bool:
-    """Whether a demo's marker (written last) records exactly these parameters."""
-    try:
-        return json.loads(marker.read_text()) == params
-    except (OSError, ValueError):
-        return False
-
-
-def _is_complete(marker: Path, params: dict, paths: dict[str, str]) -> bool:
-    if not marker_matches(marker, params):
-        return False
-    dirs = {
-        "train2017": (paths["train_img_dir"], params["num_train"]),
-        "val2017": (paths["val_img_dir"], params["num_val"]),
-    }
-    return all(Path(paths[k]).is_file() for k in ("train_ann", "val_ann")) and all(
-        (Path(folder) / f"{_IMAGE_ID_BASE[split] + i:012d}.jpg").is_file()
-        for split, (folder, count) in dirs.items()
-        for i in range(count)
-    )
+def _coco_layout(root: Path, counts: dict[str, int]) -> tuple[dict[str, str], list[Path]]:
+    """The COCO 2017 layout's paths {split}_ann and {split}_img_dir, and the files _write_split puts there."""
+    paths, files = {}, []
+    for split, count in counts.items():
+        paths[f"{split}_ann"] = str(root / "annotations" / f"instances_{split}2017.json")
+        paths[f"{split}_img_dir"] = str(root / f"{split}2017")
+        files.append(Path(paths[f"{split}_ann"]))
+        files += [root / f"{split}2017" / f"{_IMAGE_ID_BASE[f'{split}2017'] + i:012d}.jpg" for i in range(count)]
+    return paths, files
 
 
 # ---------------------------------------------------------------- semantic segmentation demos
 
 VOC_DEMO_VERSION = 1
 COCO_SEMANTIC_DEMO_VERSION = 1
-_VOC_MARKER = "segjax_voc_demo.json"
-_COCO_SEMANTIC_MARKER = "segjax_coco_semantic_demo.json"
 # VOC ids read <year>_<number>; one year per split keeps them disjoint.
 _VOC_YEAR = {"train": 2008, "val": 2009}
 _SEMANTIC_INFO = {"description": "segjax synthetic COCO semantic demo", "version": str(COCO_SEMANTIC_DEMO_VERSION)}
@@ -431,28 +434,24 @@ def write_voc_demo(
         split: [f"{_VOC_YEAR[split]}_{i:06d}" for i in range(count)]
         for split, count in (("train", num_train), ("val", num_val))
     }
-    params = {"version": VOC_DEMO_VERSION, "num_train": num_train, "num_val": num_val, "size": list(size), "seed": seed}
-    marker = root / _VOC_MARKER
     files = [base / folder / f"{i}{ext}" for split_ids in ids.values() for i in split_ids
              for folder, ext in (("JPEGImages", ".jpg"), ("SegmentationClass", ".png"))]
-    if marker_matches(marker, params) and all(f.is_file() for f in files):
-        logger.info("reusing VOC demo data in %s", root)
-        return base
-    logger.info("writing VOC demo data (%d train, %d val images) into %s", num_train, num_val, root)
-    marker.unlink(missing_ok=True)
-    lists = base / "ImageSets" / "Segmentation"
-    for folder in (base / "JPEGImages", base / "SegmentationClass", lists):
-        folder.mkdir(parents=True, exist_ok=True)
-    for split, split_ids in ids.items():
-        for i, image_id in enumerate(split_ids):
-            # One generator per image: the content of image i does not depend on the split size.
-            pixels, label = _render_voc(np.random.default_rng([seed, _VOC_YEAR[split], i]), height, width)
-            Image.fromarray(pixels).save(base / "JPEGImages" / f"{image_id}.jpg", quality=92)
-            save_mask(base / "SegmentationClass" / f"{image_id}.png", label)
-    for name, split_ids in (("train", ids["train"]), ("val", ids["val"]), ("trainval", ids["train"] + ids["val"])):
-        (lists / f"{name}.txt").write_text("".join(f"{i}\n" for i in split_ids))
-    # Written last: its presence means everything before it is complete.
-    marker.write_text(json.dumps(params))
+
+    def write() -> None:
+        lists = base / "ImageSets" / "Segmentation"
+        for folder in (base / "JPEGImages", base / "SegmentationClass", lists):
+            folder.mkdir(parents=True, exist_ok=True)
+        for split, split_ids in ids.items():
+            for i, image_id in enumerate(split_ids):
+                # One generator per image: the content of image i does not depend on the split size.
+                pixels, label = _render_voc(np.random.default_rng([seed, _VOC_YEAR[split], i]), height, width)
+                Image.fromarray(pixels).save(base / "JPEGImages" / f"{image_id}.jpg", quality=92)
+                save_mask(base / "SegmentationClass" / f"{image_id}.png", label)
+        for name, split_ids in (("train", ids["train"]), ("val", ids["val"]), ("trainval", ids["train"] + ids["val"])):
+            (lists / f"{name}.txt").write_text("".join(f"{i}\n" for i in split_ids))
+
+    params = {"num_train": num_train, "num_val": num_val, "size": list(size), "seed": seed}
+    cached_demo(root, "voc", VOC_DEMO_VERSION, params, files, write)
     return base
 
 
@@ -491,31 +490,22 @@ def write_coco_semantic_demo(
     """
     root = Path(root)
     prepared = root / "prepared"
-    paths = {
-        "train_ann": str(root / "annotations" / "instances_train2017.json"),
-        "val_ann": str(root / "annotations" / "instances_val2017.json"),
-        "train_img_dir": str(root / "train2017"),
-        "val_img_dir": str(root / "val2017"),
-        "train_images": str(prepared / "train" / "images"),
-        "train_masks": str(prepared / "train" / "masks"),
-        "val_images": str(prepared / "val" / "images"),
-        "val_masks": str(prepared / "val" / "masks"),
-        "classes": str(prepared / "train" / "classes.json"),
-    }
-    params = {"version": COCO_SEMANTIC_DEMO_VERSION, "num_train": num_train, "num_val": num_val,
-              "size": list(size), "seed": seed}
-    marker = root / _COCO_SEMANTIC_MARKER
-    if marker_matches(marker, params) and all(Path(p).exists() for p in paths.values()):
-        logger.info("reusing COCO semantic demo data in %s", root)
-        return paths
-    logger.info("writing COCO semantic demo data (%d train, %d val images) into %s", num_train, num_val, root)
-    marker.unlink(missing_ok=True)
-    for split, count in (("train", num_train), ("val", num_val)):
-        _write_split(root, f"{split}2017", count, tuple(size), seed, _render_coco_semantic, _SEMANTIC_INFO,
-                     _SEMANTIC_CATEGORIES)
-        # Masks of an earlier, larger run must not stay behind beside the new ones.
-        shutil.rmtree(prepared / split, ignore_errors=True)
-        prepare_coco_semantic(paths[f"{split}_ann"], paths[f"{split}_img_dir"], prepared / split, crowd="ignore",
-                              link_images=True, seed=seed)
-    marker.write_text(json.dumps(params))
+    counts = {"train": num_train, "val": num_val}
+    paths, files = _coco_layout(root, counts)
+    for split in counts:
+        paths[f"{split}_images"] = str(prepared / split / "images")
+        paths[f"{split}_masks"] = str(prepared / split / "masks")
+    paths["classes"] = str(prepared / "train" / "classes.json")
+
+    def write() -> None:
+        for split, count in counts.items():
+            _write_split(root, f"{split}2017", count, tuple(size), seed, _render_coco_semantic, _SEMANTIC_INFO,
+                         _SEMANTIC_CATEGORIES)
+            # Masks of an earlier, larger run must not stay behind beside the new ones.
+            shutil.rmtree(prepared / split, ignore_errors=True)
+            prepare_coco_semantic(paths[f"{split}_ann"], paths[f"{split}_img_dir"], prepared / split, crowd="ignore",
+                                  link_images=True, seed=seed)
+
+    params = {"num_train": num_train, "num_val": num_val, "size": list(size), "seed": seed}
+    cached_demo(root, "coco_semantic", COCO_SEMANTIC_DEMO_VERSION, params, [*files, *paths.values()], write)
     return paths

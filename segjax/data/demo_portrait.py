@@ -1,22 +1,17 @@
 """Synthetic portrait demo data in the P3M-10k and Supervisely Person folder layouts."""
 from __future__ import annotations
 
-import json
-import logging
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-from segjax.data.demo import marker_matches, person_parts, random_colour, rasterise, textured_background
-from segjax.data.memmap import prepare_memmaps
-
-logger = logging.getLogger(__name__)
+from segjax.data.demo import cached_demo, person_parts, random_colour, rasterise, textured_background
+from segjax.data.prepare import prepare_memmaps
 
 # Bump when the generated content changes, so cached copies are rewritten.
 PORTRAIT_DEMO_VERSION = 1
-_MARKER = "segjax_portrait_demo.json"
 
 
 def _render_portrait(rng: np.random.Generator, height: int, width: int, soft: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -63,34 +58,29 @@ def write_portrait_demo(
     """
     root = Path(root)
     paths = {"p3m_root": str(root / "P3M-10k"), "supervisely_root": str(root / "supervisely")}
-    params = {"version": PORTRAIT_DEMO_VERSION, "num_train": num_train, "num_val": num_val, "size": list(size),
-              "seed": seed}
     plan = _plan(root, num_train, num_val)
-    marker = root / _MARKER
     expected = [d / f"{prefix}_{i:04d}{ext}" for image_dir, mask_dir, prefix, count, _ in plan for i in range(count)
                 for d, ext in ((image_dir, ".jpg"), (mask_dir, ".png"))]
-    if marker_matches(marker, params) and all(path.is_file() for path in expected):
-        logger.info("reusing portrait demo data in %s", root)
-        return paths
-    logger.info("writing portrait demo data (%d train, %d val images) into %s", num_train, num_val, root)
-    marker.unlink(missing_ok=True)
-    width, height = size
-    shapes = [(width, height), (height, width), (min(size), min(size))]
-    for source, (image_dir, mask_dir, prefix, count, soft) in enumerate(plan):
-        for folder in (image_dir, mask_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-            # Files of an earlier, larger demo would otherwise be prepared too.
-            for stale in folder.glob(f"{prefix}_*"):
-                stale.unlink()
-        for i in range(count):
-            # One generator per image: its content does not depend on the split sizes.
-            rng = np.random.default_rng([seed, source, i])
-            w, h = shapes[i % len(shapes)]
-            pixels, alpha = _render_portrait(rng, h, w, soft)
-            Image.fromarray(pixels).save(image_dir / f"{prefix}_{i:04d}.jpg", quality=92)
-            Image.fromarray(alpha).save(mask_dir / f"{prefix}_{i:04d}.png")
-    # Written last: its presence means everything before it is complete.
-    marker.write_text(json.dumps(params))
+
+    def write() -> None:
+        width, height = size
+        shapes = [(width, height), (height, width), (min(size), min(size))]
+        for source, (image_dir, mask_dir, prefix, count, soft) in enumerate(plan):
+            for folder in (image_dir, mask_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+                # Files of an earlier, larger demo would otherwise be prepared too.
+                for stale in folder.glob(f"{prefix}_*"):
+                    stale.unlink()
+            for i in range(count):
+                # One generator per image: its content does not depend on the split sizes.
+                rng = np.random.default_rng([seed, source, i])
+                w, h = shapes[i % len(shapes)]
+                pixels, alpha = _render_portrait(rng, h, w, soft)
+                Image.fromarray(pixels).save(image_dir / f"{prefix}_{i:04d}.jpg", quality=92)
+                Image.fromarray(alpha).save(mask_dir / f"{prefix}_{i:04d}.png")
+
+    params = {"num_train": num_train, "num_val": num_val, "size": list(size), "seed": seed}
+    cached_demo(root, "portrait", PORTRAIT_DEMO_VERSION, params, expected, write)
     return paths
 
 

@@ -1,9 +1,20 @@
-"""Data errors and the skip counter shared by the data sources."""
+"""Data errors, the skip counter and the skip reasons shared by the data sources."""
 from __future__ import annotations
 
 import dataclasses
 import logging
 from typing import Hashable
+
+
+# Skip reasons the sources share, one spelling each (formats add their own beside their rules).
+IMAGE_MISSING = "image_missing"  # a listed image file is not on disk
+MASK_MISSING = "mask_missing"  # a listed mask file is not on disk
+IMAGE_UNREADABLE = "image_unreadable"  # an image cannot be decoded
+MASK_UNREADABLE = "mask_unreadable"  # a mask cannot be decoded
+SIZE_MISMATCH = "size_mismatch"  # image and mask (or annotation) sizes differ
+IMAGE_WITHOUT_MASK = "image_without_mask"  # a folder image with no mask of the same stem
+MASK_WITHOUT_IMAGE = "mask_without_image"  # a folder mask with no image of the same stem
+DUPLICATE_STEM = "duplicate_stem"  # two images (or masks) share a stem, e.g. x.jpg and x.png: ambiguous
 
 
 class DataError(Exception):

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +12,7 @@ import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
+from segjax.data.files import write_atomic
 # Not a model: only onnxruntime provider selection, shared with export.
 from segjax.export.runtime import DEFAULT_PREFER, make_session
 
@@ -138,7 +137,8 @@ class OnnxFeatureExtractor:
             chunk = todo[start:start + self.batch_size]
             feats = self._run([self._check(images[i]) for i in chunk])
             for i, feat in zip(chunk, feats):
-                self._write(self.cache_dir / f"{cache_name(keys[i])}.npy", feat)
+                # Atomic: a reader (another worker) sees the whole entry or none.
+                write_atomic(self.cache_dir / f"{cache_name(keys[i])}.npy", lambda f, feat=feat: np.save(f, feat))
                 out[i] = feat
         return out
 
@@ -159,16 +159,3 @@ class OnnxFeatureExtractor:
         session = self._get_session()
         y = session.run([session.get_outputs()[0].name], {session.get_inputs()[0].name: x})[0]
         return y[:n].transpose(0, 2, 3, 1).astype(np.float16, order="C")
-
-    def _write(self, path: Path, feat: np.ndarray) -> None:
-        """Writes atomically: a reader sees the whole entry or none (temp file + os.replace)."""
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{path.stem}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, feat)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise

@@ -1,20 +1,43 @@
-"""Dataset preparation used by tools/: person-only COCO subsets and ROI class statistics."""
+"""Dataset preparation used by tools/ and the demo data: COCO person subsets and ROI class statistics,
+COCO instances -> semantic class-index masks, P3M-10k + Supervisely Person folders -> memmaps."""
 from __future__ import annotations
 
 import json
 import logging
 import math
 import os
-from collections.abc import Iterable
+import shutil
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
 
-from segjax.data.coco import PersonImage, instance_masks, person_category_ids, read_instances, roi_targets
-from segjax.data.errors import DataError
+from segjax.data.coco import (
+    NO_SEGMENTATION,
+    PersonImage,
+    annotations_with_images,
+    clean_segmentation,
+    instance_masks,
+    person_category_ids,
+    read_instances,
+    to_rle,
+)
+from segjax.data.errors import (IMAGE_MISSING, IMAGE_UNREADABLE, MASK_UNREADABLE, SIZE_MISMATCH, DataError,
+                                SkipReport)
+from segjax.data.files import (IMAGE_SUFFIXES, BadImage, SizeMismatch, decode, files_by_stem, pair_by_stem,
+                               read_rgb_sized, to_rgb, write_atomic)
+from segjax.data.memmap import SIDECAR_FORMAT, SIDECAR_VERSION, STORAGE, storage_names
+from segjax.data.transforms import letterbox_size, resize_letterbox, roi_targets
+from segjax.data.voc import read_mask, save_mask, voc_palette
 
 logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- COCO person subsets, ROI stats
 
 
 def person_only_subset(
@@ -66,9 +89,7 @@ def person_only_subset(
     }
     out_path = Path(out_dir) / f"{name}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(out))
-    os.replace(tmp, out_path)
+    write_atomic(out_path, json.dumps(out))
     return out_path
 
 
@@ -127,3 +148,396 @@ def read_stats(path: str | os.PathLike) -> dict[str, Any]:
             f"malformed ROI class stats in {path}: expected num_rois and equal-length non-negative lists {list(lists)}"
         )
     return stats
+
+
+# ----------------------------------------------------------------------------- COCO instances -> semantic masks
+
+
+BACKGROUND = "background"
+IGNORE_INDEX = 255
+CROWD_MODES = ("skip", "ignore")
+
+# Skip reasons beyond the shared and COCO ones (IMAGE_MISSING, SIZE_MISMATCH, UNKNOWN_IMAGE, ...).
+CROWD_SKIPPED = "crowd_skipped"  # annotation: iscrowd=1 with crowd="skip"
+NO_VALID_ANNOTATION = "no_valid_annotation"  # image: no usable non-crowd annotation
+EMPTY_MASK = "empty_mask"  # image: its annotations cover no pixel
+
+
+def _class_ranks(names: Sequence[str], class_priority: Sequence[str] | None) -> list[int]:
+    """Paint rank per class index: 0 if unlisted, else 1 + position in class_priority."""
+    if not class_priority:
+        return [0] * len(names)
+    valid = list(names[1:])
+    unknown = [n for n in class_priority if n not in valid]
+    if unknown:
+        raise DataError(f"unknown class(es) in class_priority: {unknown}; valid names: {valid}")
+    if len(set(valid)) != len(valid):
+        raise DataError("class_priority needs unique category names, but the annotation file repeats some")
+    position = {name: i + 1 for i, name in enumerate(class_priority)}
+    return [position.get(name, 0) for name in names]
+
+
+def _usable_annotations(data: dict[str, Any], class_index: dict[int, int], crowd: str,
+                        report: SkipReport) -> dict[int, list[tuple[int, Any, bool]]]:
+    """image id -> [(class index, cleaned segmentation, iscrowd)]; every dropped annotation is counted."""
+    usable: dict[int, list[tuple[int, Any, bool]]] = defaultdict(list)
+    for ann, image in annotations_with_images(data, class_index, report):
+        ann_id = ann["id"]
+        iscrowd = bool(ann.get("iscrowd", 0))
+        if iscrowd and crowd == "skip":
+            report.add(CROWD_SKIPPED, ann_id)
+            continue
+        if "segmentation" not in ann:
+            report.add(NO_SEGMENTATION, ann_id)
+            continue
+        seg = clean_segmentation(ann["segmentation"], image["height"], image["width"], ann_id, report)
+        if seg is not None:
+            usable[image["id"]].append((class_index[ann["category_id"]], seg, iscrowd))
+    return usable
+
+
+def paint_semantic_mask(height: int, width: int, objects: Sequence[tuple[int, Any, bool]],
+                        ranks: Sequence[int]) -> np.ndarray:
+    """Class-index mask uint8 [H, W] of (class index, cleaned segmentation, iscrowd) objects.
+
+    Crowd regions are painted first, as IGNORE_INDEX, so every labelled object stays on top of
+    them. Objects follow, ordered by (rank of their class, larger area first): a small object
+    on a large one (a cup on a table) stays visible, and a class ranked higher by class_priority
+    covers lower ones whatever their size. Same-class objects simply add up (union).
+    """
+    mask = np.zeros((height, width), dtype=np.uint8)
+    rles = [to_rle(seg, height, width) for _, seg, _ in objects]
+    areas = mask_utils.area(rles) if rles else []
+    # Stable sort: equal keys keep the annotation file's order.
+    order = sorted(range(len(objects)),
+                   key=lambda k: (not objects[k][2], ranks[objects[k][0]], -int(areas[k])))
+    for k in order:
+        index, _, iscrowd = objects[k]
+        mask[mask_utils.decode(rles[k]).astype(bool)] = IGNORE_INDEX if iscrowd else index
+    return mask
+
+
+def _inside_name(file_name: str) -> Path:
+    """The image's relative path (sub-folders kept), or just its name where it would leave out_dir."""
+    path = Path(file_name)
+    return Path(path.name) if path.is_absolute() or ".." in path.parts else path
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.unlink(missing_ok=True)
+    try:
+        dst.symlink_to(src.absolute())
+    except OSError:  # file systems or platforms without symlinks
+        shutil.copy2(src, dst)
+
+
+def triptych(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """image | mask in VOC colours | image with labelled pixels half-tinted, side by side."""
+    colour = voc_palette()[mask]
+    labelled = (mask > 0)[:, :, None]
+    overlay = np.where(labelled, image // 2 + colour // 2, image).astype(np.uint8)
+    return np.concatenate([image, colour, overlay], axis=1)
+
+
+def prepare_coco_semantic(
+    ann: str | os.PathLike,
+    img_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    crowd: str = "skip",
+    class_priority: Sequence[str] | None = None,
+    visualize: int = 0,
+    link_images: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write out_dir/masks/<image stem>.png, one class-index mask per usable image of a COCO file.
+
+    Classes: the COCO categories in id order become 1..K, 0 is background; out_dir/classes.json
+    maps index -> name. Overlaps: same-class objects are unioned; across classes larger objects
+    are painted first and smaller ones on top, unless class_priority (category names, the
+    highest priority last) is given: listed classes are painted after unlisted ones, in list
+    order, and by size only among themselves. Crowd annotations are skipped (crowd="skip") or
+    painted as 255 = ignore (crowd="ignore") beneath every object.
+    Skipped, counted and logged: images missing, unreadable or of another size than the JSON says,
+    images without a usable non-crowd annotation and masks that would be empty (never written).
+    link_images puts the used images (symlinks, copies where those fail) into out_dir/images/;
+    visualize saves that many seeded-random triptychs into out_dir/visualizations/.
+    Returns the summary, also written to out_dir/summary.json.
+    """
+    if crowd not in CROWD_MODES:
+        raise ValueError(f"crowd must be one of {CROWD_MODES}, got {crowd!r}")
+    data = read_instances(ann)
+    img_root = Path(img_dir)
+    if not img_root.is_dir():
+        raise DataError(f"image directory not found: {img_dir}")
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    if len(categories) >= IGNORE_INDEX:
+        raise DataError(f"{ann}: {len(categories)} categories do not fit in 1..{IGNORE_INDEX - 1}")
+    names = [BACKGROUND] + [str(c["name"]) for c in categories]
+    ranks = _class_ranks(names, class_priority)
+    ann_report, image_report = SkipReport(), SkipReport()
+    usable = _usable_annotations(data, {c["id"]: i + 1 for i, c in enumerate(categories)}, crowd, ann_report)
+
+    out = Path(out_dir)
+    masks_dir, images_dir = out / "masks", out / "images"
+    masks_dir.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[Path, Path, dict]] = []
+    for image in data["images"]:
+        image_id, height, width = image["id"], image["height"], image["width"]
+        objects = usable.get(image_id, [])
+        if all(iscrowd for _, _, iscrowd in objects):
+            image_report.add(NO_VALID_ANNOTATION, image_id)
+            continue
+        path = img_root / image["file_name"]
+        try:
+            # A full decode: a truncated or mis-sized image is dropped here, not found in training.
+            read_rgb_sized(path, height, width)
+        except BadImage as err:
+            reason = SIZE_MISMATCH if isinstance(err, SizeMismatch) else (
+                IMAGE_MISSING if not path.is_file() else IMAGE_UNREADABLE)
+            logger.warning("skipping image %d: %s", image_id, err)
+            image_report.add(reason, image_id)
+            continue
+        mask = paint_semantic_mask(height, width, objects, ranks)
+        if not ((mask > 0) & (mask != IGNORE_INDEX)).any():
+            image_report.add(EMPTY_MASK, image_id)
+            continue
+        name = _inside_name(image["file_name"])
+        mask_path = (masks_dir / name).with_suffix(".png")
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        save_mask(mask_path, mask)
+        if link_images:
+            _link_or_copy(path, images_dir / name)
+        written.append((path, mask_path, image))
+
+    classes_file = out / "classes.json"
+    classes_file.write_text(json.dumps({str(i): name for i, name in enumerate(names)}, indent=1))
+    summary = {
+        "images": len(data["images"]),
+        "written": len(written),
+        "skipped_images": image_report.as_dict(),
+        "skipped_annotations": ann_report.as_dict(),
+        "num_classes": len(names),
+        "crowd": crowd,
+        "class_priority": list(class_priority) if class_priority else None,
+        "masks_dir": str(masks_dir),
+        "images_dir": str(images_dir) if link_images else None,
+        "classes_file": str(classes_file),
+        "visualizations": _visualize(written, out / "visualizations", visualize, seed),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    ann_report.log(logger, f"{ann} annotations")
+    image_report.log(logger, f"{ann} images")
+    logger.info("wrote %d of %d masks into %s", len(written), len(data["images"]), masks_dir)
+    return summary
+
+
+def _visualize(written: list[tuple[Path, Path, dict]], folder: Path, count: int, seed: int) -> list[str]:
+    """Save `count` seeded-random triptychs of written masks; return their paths."""
+    if count <= 0 or not written:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    chosen = np.random.default_rng(seed).choice(len(written), size=min(count, len(written)), replace=False)
+    paths = []
+    for k in sorted(chosen):
+        image_path, mask_path, image = written[k]
+        pixels = read_rgb_sized(image_path, image["height"], image["width"])
+        out = folder / f"{mask_path.stem}.png"
+        Image.fromarray(triptych(pixels, read_mask(mask_path))).save(out)
+        paths.append(str(out))
+    return paths
+
+
+def load_class_names(classes_file: str | os.PathLike) -> list[str]:
+    """Class names by index from a classes.json written by prepare_coco_semantic."""
+    try:
+        mapping = json.loads(Path(classes_file).read_text())
+        names = [mapping[str(i)] for i in range(len(mapping))]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(
+            f"cannot read class names from {classes_file}: expected {{'0': name, '1': ...}} ({err})"
+        ) from err
+    return names
+
+
+# ----------------------------------------------------------------------------- P3M + Supervisely -> memmaps
+
+
+def read_binary_mask(path: str | os.PathLike, threshold: int) -> np.ndarray:
+    """A portrait mask as HxW uint8 in {0, 1} (rules in segjax.data.memmap's docstring); BadImage if unreadable."""
+
+    def binarise(img: Image.Image) -> np.ndarray:
+        if img.mode == "P":
+            return np.asarray(img) > 0
+        # Stored orientation: mask tools do not write EXIF rotations.
+        return to_rgb(img).max(axis=2) >= threshold
+
+    return decode(path, binarise).astype(np.uint8)
+
+
+def _p3m_dir(p3m_root: Path) -> Path:
+    """The P3M-10k folder: p3m_root itself, or its P3M-10k/ child (the archive's top folder)."""
+    for candidate in (p3m_root, p3m_root / "P3M-10k"):
+        if (candidate / "train" / "blurred_image").is_dir() and (candidate / "train" / "mask").is_dir():
+            return candidate
+    raise DataError(f"{p3m_root}: no P3M-10k layout here (expected train/blurred_image/ and train/mask/)")
+
+
+def supervisely_folders(root: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """Every directory named `images` under root that has a sibling `masks`, as (images, masks).
+
+    This covers the Supervisely Person Clean release (`.../images` + `.../masks`) however deeply
+    it was unpacked; files are then paired by stem inside each pair of folders.
+    """
+    root = Path(root)
+    folders = sorted(
+        (d, d.parent / "masks") for d in [root, *root.rglob("images")]
+        if d.name == "images" and d.is_dir() and (d.parent / "masks").is_dir()
+    )
+    if not folders:
+        raise DataError(f"{root}: no directory named images/ with a sibling masks/ found")
+    return folders
+
+
+def _fit(image: np.ndarray, mask: np.ndarray, size: int, resize: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Resize a pair to size x size; returns it with its record (original size, scale, padding)."""
+    height, width = mask.shape
+    if resize == "stretch":
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+        mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST))
+        return image, mask, {"orig_size": [height, width], "scale": [size / height, size / width], "pad": [0, 0, 0, 0]}
+    image, _ = resize_letterbox(image, size)
+    mask, _ = resize_letterbox(mask, size, resample=Image.Resampling.NEAREST)
+    content_h, content_w, scale = letterbox_size(height, width, size)  # top-left; bottom/right padded
+    record = {"orig_size": [height, width], "scale": [scale, scale], "pad": [0, size - content_h, 0, size - content_w]}
+    return image, mask, record
+
+
+def _write_memmaps(
+    split: str, pairs: list[tuple[Path, Path]], out_dir: Path, *, size: int, dtype: str, mask_threshold: int,
+    resize: str, report: SkipReport
+) -> dict:
+    """Stream `pairs` into the split's two memmaps (temp names, renamed when complete)."""
+    names = storage_names(split, size, dtype)
+    finals = [out_dir / name for name in names]
+    tmps = [path.with_name(f"{path.name}.tmp{os.getpid()}") for path in finals]
+    _, image_layout, mask_layout = STORAGE[dtype]
+    image_shape = (size, size, 3) if image_layout == "NHWC" else (3, size, size)
+    mask_shape = (size, size) if mask_layout == "NHW" else (1, size, size)
+    kept: list[tuple[Path, Path]] = []
+    records: list[dict] = []
+    try:
+        if pairs:
+            # Sized for every pair; records that fail are skipped and the files truncated at the end.
+            images = np.memmap(tmps[0], dtype=dtype, mode="w+", shape=(len(pairs), *image_shape))
+            masks = np.memmap(tmps[1], dtype=dtype, mode="w+", shape=(len(pairs), *mask_shape))
+            for image_path, mask_path in pairs:
+                try:
+                    mask = read_binary_mask(mask_path, mask_threshold)
+                    image = read_rgb_sized(image_path, *mask.shape)
+                except BadImage as err:
+                    reason = (SIZE_MISMATCH if isinstance(err, SizeMismatch)
+                              else MASK_UNREADABLE if err.path == os.fspath(mask_path) else IMAGE_UNREADABLE)
+                    report.add(reason, err.path)
+                    logger.warning("%s: skipped %s", split, err)
+                    continue
+                image, mask, record = _fit(image, mask, size, resize)
+                if dtype == "float16":
+                    image = (image.transpose(2, 0, 1) / 255.0).astype(np.float16)
+                    mask = mask[None].astype(np.float16)
+                images[len(kept)] = image
+                masks[len(kept)] = mask
+                kept.append((image_path, mask_path))
+                records.append(record)
+                if len(kept) % 1000 == 0:
+                    logger.info("%s: %d of %d pairs written", split, len(kept), len(pairs))
+            images.flush()
+            masks.flush()
+            del images, masks  # unmap before truncating
+        if not kept:
+            logger.warning("%s: no usable pairs, no files written", split)
+            return {"count": 0, "images": None, "masks": None}
+        itemsize = np.dtype(dtype).itemsize
+        for tmp, shape in zip(tmps, (image_shape, mask_shape)):
+            os.truncate(tmp, len(kept) * int(np.prod(shape)) * itemsize)
+        common = {
+            "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "split": split, "count": len(kept),
+            "dtype": dtype, "size": size, "resize": resize, "mask_threshold": mask_threshold, "records": records,
+        }
+        sidecars = [
+            {**common, "kind": "images", "shape": [len(kept), *image_shape], "layout": image_layout,
+             "source_files": [os.path.abspath(i) for i, _ in kept]},
+            {**common, "kind": "masks", "shape": [len(kept), *mask_shape], "layout": mask_layout,
+             "source_files": [os.path.abspath(m) for _, m in kept]},
+        ]
+        # Old sidecars go first: a data file is never beside a sidecar that describes other data.
+        for final in finals:
+            Path(f"{final}.json").unlink(missing_ok=True)
+        for tmp, final in zip(tmps, finals):
+            os.replace(tmp, final)
+        for final, sidecar in zip(finals, sidecars):
+            write_atomic(f"{final}.json", json.dumps(sidecar))
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+    return {"count": len(kept), "images": str(finals[0]), "masks": str(finals[1])}
+
+
+def prepare_memmaps(
+    p3m_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    supervisely_root: str | os.PathLike | None = None,
+    size: int = 640,
+    dtype: str = "uint8",
+    mask_threshold: int = 128,
+    resize: str = "letterbox",
+) -> dict:
+    """Write train and val memmaps (+ sidecars) from P3M-10k and, for training, Supervisely Person.
+
+    train = P3M-10k train/{blurred_image,mask} + every Supervisely images/ + masks/ folder pair;
+    val = P3M-10k validation/P3M-500-P/{blurred_image,mask} (a missing val folder is logged).
+    Unpaired, unreadable and size-mismatched files are skipped, counted and logged. Returns
+    {"out_dir", "size", "dtype", "resize", "mask_threshold",
+     "splits": {split: {"count", "images", "masks", "skipped": {reason: {"count", "examples"}}}}}.
+    """
+    if dtype not in STORAGE:
+        raise ValueError(f"dtype must be one of {list(STORAGE)}, got {dtype!r}")
+    if resize not in ("letterbox", "stretch"):
+        raise ValueError(f"resize must be 'letterbox' or 'stretch', got {resize!r}")
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    if not 1 <= mask_threshold <= 255:
+        raise ValueError(f"mask_threshold must be in 1..255, got {mask_threshold}")
+    p3m = _p3m_dir(Path(p3m_root))
+    folders = {
+        "train": [(p3m / "train" / "blurred_image", p3m / "train" / "mask")],
+        "val": [(p3m / "validation" / "P3M-500-P" / "blurred_image", p3m / "validation" / "P3M-500-P" / "mask")],
+    }
+    if supervisely_root is not None:
+        folders["train"] += supervisely_folders(supervisely_root)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {
+        "out_dir": str(out_dir), "size": size, "dtype": dtype, "resize": resize, "mask_threshold": mask_threshold,
+        "splits": {},
+    }
+    for split, split_folders in folders.items():
+        report = SkipReport()
+        pairs = []
+        for image_dir, mask_dir in split_folders:
+            if not (image_dir.is_dir() and mask_dir.is_dir()):
+                logger.warning("%s: %s or %s missing; nothing read from there", split, image_dir, mask_dir)
+                continue
+            found = pair_by_stem(files_by_stem(image_dir, IMAGE_SUFFIXES), files_by_stem(mask_dir, IMAGE_SUFFIXES),
+                                 report)
+            pairs += [(image, mask) for _, image, mask in found]
+        result = _write_memmaps(split, pairs, out_dir, size=size, dtype=dtype, mask_threshold=mask_threshold,
+                              resize=resize, report=report)
+        report.log(logger, f"{split} memmaps")
+        summary["splits"][split] = {**result, "skipped": report.as_dict()}
+    if not any(s["count"] for s in summary["splits"].values()):
+        raise DataError(f"no usable image/mask pairs under {p3m_root}" + (
+            f" or {supervisely_root}" if supervisely_root is not None else ""))
+    return summary

@@ -31,7 +31,8 @@ from segjax.config import ConfigError
 from segjax.data import demo
 from segjax.data.demo_portrait import prepare_portrait_demo
 from segjax.data.errors import DataError
-from segjax.data.memmap import STORAGE, MemmapSource, augment_portrait, eval_portrait, storage_names
+from segjax.data.memmap import STORAGE, MemmapSource, storage_names
+from segjax.data.transforms import augment_portrait, eval_portrait
 from segjax.models.hybrid import HYBRID_FULL, HYBRID_TINY, HybridQueryModel
 
 log = logging.getLogger("segjax")
@@ -57,7 +58,7 @@ class QueryMaskDataConfig:
     memmap_dtype: Literal["", "uint8", "float16", "float32"] = ""
     memmap_layout: Literal["", "NHWC", "NCHW"] = ""
     image_size: int = 640  # model input side; the memmaps' records must have this size
-    flip: bool = True  # training augmentation (segjax.data.memmap.augment_portrait)
+    flip: bool = True  # training augmentation (segjax.data.transforms.augment_portrait)
     scale_min: float = 0.75  # zoom about the centre, drawn from [scale_min, scale_max]
     scale_max: float = 1.25
     color_jitter: float = 0.2  # brightness/contrast/saturation factors within 1 ± this

@@ -20,7 +20,7 @@ from PIL import Image
 
 from segjax import losses, metrics
 from segjax.config import ConfigError
-from segjax.data import coco, demo, prepare
+from segjax.data import coco, demo, prepare, transforms
 from segjax.data.feature_cache import OnnxFeatureExtractor
 from segjax.models.roi_head import RoiHumanModel, RoiMaskHead, StrideEightBackbone
 
@@ -180,7 +180,7 @@ class Task:
     # --- data ---
     def _transforms(self, train: bool):
         data = self.cfg.data
-        example_fn = functools.partial(coco.make_roi_example, image_size=data.image_size, max_rois=data.max_rois,
+        example_fn = functools.partial(transforms.make_roi_example, image_size=data.image_size, max_rois=data.max_rois,
                                        mask_size=data.mask_size, jitter=data.jitter,
                                        flip=data.flip and self.extractor is None)
         features = None

@@ -21,9 +21,9 @@ from PIL import Image
 
 from segjax import losses, metrics
 from segjax.config import ConfigError
-from segjax.data import demo, semantic
-from segjax.data.prepare_semantic import load_class_names
-from segjax.models.semantic import SEMANTIC_MODELS
+from segjax.data import demo, transforms, voc
+from segjax.data.prepare import load_class_names
+from segjax.models.semantic_models import SEMANTIC_MODELS
 
 log = logging.getLogger("segjax")
 
@@ -118,7 +118,7 @@ def _resolve_data(data: SemanticDataConfig) -> SemanticDataConfig:
 
 def _class_names(data: SemanticDataConfig) -> tuple[str, ...]:
     if data.layout == "voc":
-        names = semantic.VOC_CLASSES
+        names = voc.VOC_CLASSES
     elif data.classes_file and Path(data.classes_file).exists():
         names = tuple(load_class_names(data.classes_file))
     else:
@@ -152,12 +152,12 @@ class Task:
         self.class_names = _class_names(data)
         self.compute_dtype = jnp.bfloat16 if cfg.train.precision == "bf16" else jnp.float32
         if data.layout == "voc":
-            root = semantic.voc_root(data.data_root)
-            self.train_pairs = semantic.load_voc_split(root, data.train_split)
-            self.val_pairs = semantic.load_voc_split(root, data.val_split)
+            root = voc.voc_root(data.data_root)
+            self.train_pairs = voc.load_voc_split(root, data.train_split)
+            self.val_pairs = voc.load_voc_split(root, data.val_split)
         else:
-            self.train_pairs = semantic.load_folder_pairs(data.train_img_dir, data.train_mask_dir)
-            self.val_pairs = semantic.load_folder_pairs(data.val_img_dir, data.val_mask_dir)
+            self.train_pairs = voc.load_folder_pairs(data.train_img_dir, data.train_mask_dir)
+            self.val_pairs = voc.load_folder_pairs(data.val_img_dir, data.val_mask_dir)
         if data.overfit_one:
             # One image, repeated to fill batches: training should drive its loss towards zero.
             self.train_pairs = [self.train_pairs[0]] * cfg.train.batch_size
@@ -177,20 +177,20 @@ class Task:
     def _example_fn(self, train: bool):
         data = self.cfg.data
         if not train or data.overfit_one:  # sanity mode trains on the deterministic eval view
-            return functools.partial(semantic.make_seg_example, eval_size=data.eval_size,
+            return functools.partial(transforms.make_seg_example, eval_size=data.eval_size,
                                      ignore_index=data.ignore_index)
-        return functools.partial(semantic.make_seg_example, crop_size=data.crop_size,
+        return functools.partial(transforms.make_seg_example, crop_size=data.crop_size,
                                  scale=(data.scale_min, data.scale_max), flip=data.flip,
                                  ignore_index=data.ignore_index)
 
     def train_data(self):
         fn = self._example_fn(train=True)
         transform = _fixed_transform if self.cfg.data.overfit_one else _train_transform
-        return semantic.SegmentationSource(self.train_pairs), functools.partial(transform, example_fn=fn)
+        return voc.SegmentationSource(self.train_pairs), functools.partial(transform, example_fn=fn)
 
     def val_data(self):
         fn = self._example_fn(train=False)
-        return semantic.SegmentationSource(self.val_pairs), functools.partial(_eval_transform, example_fn=fn)
+        return voc.SegmentationSource(self.val_pairs), functools.partial(_eval_transform, example_fn=fn)
 
     def loss_and_sums(self, model: nnx.Module, batch: dict):
         data, loss_cfg = self.cfg.data, self.cfg.loss
@@ -231,7 +231,7 @@ class Task:
     def visualize(self, batch: dict, outputs: dict, out_dir: Path, tag: str, limit: int) -> list[Path]:
         """`prediction_<tag>_<n>.png`: image, ground truth and prediction side by side (VOC colours)."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        palette = semantic.voc_palette()
+        palette = voc.voc_palette()
         written = []
         for n, i in enumerate(np.flatnonzero(batch["valid"] & batch["image_ok"])[:limit]):
             panels = [batch["image"][i], palette[batch["mask"][i]], palette[outputs["pred"][i]]]
