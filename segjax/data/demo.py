@@ -11,9 +11,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from collections.abc import Iterable
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image

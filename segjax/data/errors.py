@@ -29,21 +29,11 @@ class SkipReport:
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     examples: dict[str, list[Hashable]] = dataclasses.field(default_factory=dict)
 
-    def add(self, reason: str, example: Hashable | None = None, count: int = 1) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + count
+    def add(self, reason: str, example: Hashable | None = None) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
         shown = self.examples.setdefault(reason, [])
         if example is not None and len(shown) < self.max_examples:
             shown.append(example)
-
-    def merge(self, other: SkipReport) -> None:
-        for reason, count in other.counts.items():
-            self.counts[reason] = self.counts.get(reason, 0) + count
-            shown = self.examples.setdefault(reason, [])
-            shown.extend(other.examples.get(reason, [])[: self.max_examples - len(shown)])
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
 
     def as_dict(self) -> dict[str, dict]:
         """JSON-able view: reason -> {"count", "examples"}."""
