@@ -26,7 +26,7 @@ from segjax.data.prepare_roads import (
     load_pickle,
     split_pool,
 )
-from segjax.data.semantic import SegmentationSource, SegPair, save_mask
+from segjax.data.voc import SegmentationSource, SegPair, save_mask
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -207,7 +207,7 @@ def test_bad_records_are_counted_skips(tmp_path: Path, caplog: pytest.LogCapture
     with caplog.at_level(logging.INFO):
         scan = roads.load_road_data(root, split="train", num_classes=26, report=report)
     assert [p.id for p in scan.pairs] == ["leftImg8bit/train/a/good_leftImg8bit.png"]
-    assert report.counts == {"mask_missing": 1, "unreadable": 1, "size_mismatch": 1, "all_ignore": 1}
+    assert report.counts == {"mask_missing": 1, "image_unreadable": 1, "size_mismatch": 1, "all_ignore": 1}
     assert report.examples["all_ignore"] == ["leftImg8bit/train/b/ignored_leftImg8bit.png"]
     for reason in report.counts:
         assert f"skipped 1 ({reason})" in caplog.text
@@ -255,7 +255,7 @@ def test_label_modes(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     report = SkipReport()
     with caplog.at_level(logging.WARNING):
         scan = roads.scan_labels(pairs, 26, report=report, workers=2)
-    assert [p.id for p in scan.pairs] == ["p.png"] and report.counts == {"unreadable": 1}
+    assert [p.id for p in scan.pairs] == ["p.png"] and report.counts == {"mask_unreadable": 1}
     assert "mask mode RGB is not a class-index mask" in caplog.text
 
 
@@ -534,7 +534,7 @@ def test_road_demo(tmp_path: Path):
     root = write_road_demo(tmp_path / "a")
     report = SkipReport()
     train = roads.load_road_data(root, split="train", num_classes=26, report=report)
-    assert report.counts == {"unreadable": 1, "mask_missing": 1, "size_mismatch": 1, "all_ignore": 1}
+    assert report.counts == {"image_unreadable": 1, "mask_missing": 1, "size_mismatch": 1, "all_ignore": 1}
     assert len(train.pairs) == sum(n for _, n in DRIVES["train"]) and len(ODD_FILES) == 4
     val = roads.load_road_data(root, split="val", num_classes=26)
     assert len(val.pairs) == sum(n for _, n in DRIVES["val"])

@@ -7,7 +7,6 @@ image, an image without its label, a label of another size and a label that is a
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -15,14 +14,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segjax.data.demo import marker_matches, person_parts, random_colour, rasterise
+from segjax.data.demo import cached_demo, person_parts, random_colour, rasterise
 from segjax.data.roads import DEFAULT_SUFFIXES, IDD_LEVEL3, IGNORE
 
 logger = logging.getLogger(__name__)
 
 # Bump when the generated content changes, so cached copies are rewritten.
 ROADS_DEMO_VERSION = 1
-_MARKER = "segjax_roads_demo.json"
 IMAGE_SUFFIX, LABEL_SUFFIX = DEFAULT_SUFFIXES["cityscapes"]
 # Drives of uneven size, as IDD's are: split -> [(drive, images)].
 DRIVES = {"train": [("0001", 16), ("0002", 12), ("0003", 8), ("0004", 5), ("0005", 3)],
@@ -154,47 +152,42 @@ def write_road_demo(root: str | os.PathLike, *, size: tuple[int, int] = (256, 12
     """
     root = Path(root)
     width, height = size
-    params = {"version": ROADS_DEMO_VERSION, "size": list(size), "seed": seed}
-    marker = root / _MARKER
     planned = [(split, drive, f"{i:06d}") for split, drives in DRIVES.items() for drive, count in drives
                for i in range(count)]
-    if marker_matches(marker, params) and all(p.is_file() for s, d, t in planned for p in _paths(root, s, d, t)):
-        logger.info("reusing road-scene demo data in %s", root)
-        return root
-    logger.info("writing road-scene demo data (%d labelled images + %d odd files) into %s", len(planned),
-                len(ODD_FILES), root)
-    marker.unlink(missing_ok=True)
-    for top in ("leftImg8bit", "gtFine"):
-        for stale in (root / top).rglob("*.png") if (root / top).is_dir() else ():
-            stale.unlink()  # files of an earlier demo version must not stay in the pool
-    drive_index = {drive: k for k, (drive, _) in enumerate(d for drives in DRIVES.values() for d in drives)}
-    for split, drive, stem in planned:
-        k = drive_index[drive]
-        # One generator per image: its content depends on its drive and number only.
-        rng = np.random.default_rng([seed, k, int(stem)])
-        light = 0.75 + 0.35 * ((k * 0.618) % 1.0)  # each drive has its own light
-        pixels, label = render_road_scene(rng, height, width, light)
-        if k % 2 == 1:  # the ego vehicle's hood, ignored as in Cityscapes and IDD
-            hood = int(0.08 * height)
-            pixels[-hood:] = 30
-            label[-hood:] = IGNORE
-        image_path, label_path = _paths(root, split, drive, stem)
-        image_path.parent.mkdir(parents=True, exist_ok=True)
-        label_path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(image_path)
-        Image.fromarray(label).save(label_path)
-    for k, (drive, stem, problem) in enumerate(ODD_FILES):
-        pixels, label = render_road_scene(np.random.default_rng([seed, 99, k]), height, width, 1.0)
-        image_path, label_path = _paths(root, "train", drive, stem)
-        Image.fromarray(pixels).save(image_path)
-        if problem == "unreadable_image":
-            image_path.write_bytes(b"\x89PNG\r\n\x1a\n not really a PNG")
-        if problem == "size_mismatch":
-            label = label[: height - 8]
-        if problem == "all_ignore":
-            label = np.full_like(label, IGNORE)
-        if problem != "missing_label":
+
+    def write() -> None:
+        for top in ("leftImg8bit", "gtFine"):
+            for stale in (root / top).rglob("*.png") if (root / top).is_dir() else ():
+                stale.unlink()  # files of an earlier demo version must not stay in the pool
+        drive_index = {drive: k for k, (drive, _) in enumerate(d for drives in DRIVES.values() for d in drives)}
+        for split, drive, stem in planned:
+            k = drive_index[drive]
+            # One generator per image: its content depends on its drive and number only.
+            rng = np.random.default_rng([seed, k, int(stem)])
+            light = 0.75 + 0.35 * ((k * 0.618) % 1.0)  # each drive has its own light
+            pixels, label = render_road_scene(rng, height, width, light)
+            if k % 2 == 1:  # the ego vehicle's hood, ignored as in Cityscapes and IDD
+                hood = int(0.08 * height)
+                pixels[-hood:] = 30
+                label[-hood:] = IGNORE
+            image_path, label_path = _paths(root, split, drive, stem)
+            image_path.parent.mkdir(parents=True, exist_ok=True)
+            label_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(image_path)
             Image.fromarray(label).save(label_path)
-    # Written last: its presence means everything before it is complete.
-    marker.write_text(json.dumps(params))
+        for k, (drive, stem, problem) in enumerate(ODD_FILES):
+            pixels, label = render_road_scene(np.random.default_rng([seed, 99, k]), height, width, 1.0)
+            image_path, label_path = _paths(root, "train", drive, stem)
+            Image.fromarray(pixels).save(image_path)
+            if problem == "unreadable_image":
+                image_path.write_bytes(b"\x89PNG\r\n\x1a\n not really a PNG")
+            if problem == "size_mismatch":
+                label = label[: height - 8]
+            if problem == "all_ignore":
+                label = np.full_like(label, IGNORE)
+            if problem != "missing_label":
+                Image.fromarray(label).save(label_path)
+
+    expected = [p for s, d, t in planned for p in _paths(root, s, d, t)]
+    cached_demo(root, "roads", ROADS_DEMO_VERSION, {"size": list(size), "seed": seed}, expected, write)
     return root

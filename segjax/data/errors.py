@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Hashable
-
+from collections.abc import Hashable
 
 # Skip reasons the sources share, one spelling each (formats add their own beside their rules).
 IMAGE_MISSING = "image_missing"  # a listed image file is not on disk
@@ -34,6 +33,10 @@ class SkipReport:
         shown = self.examples.setdefault(reason, [])
         if example is not None and len(shown) < self.max_examples:
             shown.append(example)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
 
     def as_dict(self) -> dict[str, dict]:
         """JSON-able view: reason -> {"count", "examples"}."""

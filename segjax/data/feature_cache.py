@@ -13,6 +13,7 @@ import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
 from segjax.data.files import write_atomic
+
 # Not a model: only onnxruntime provider selection, shared with export.
 from segjax.export.runtime import DEFAULT_PREFER, make_session
 

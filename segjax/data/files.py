@@ -10,8 +10,14 @@ from typing import BinaryIO, TypeVar
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-from segjax.data.errors import (DUPLICATE_STEM, IMAGE_WITHOUT_MASK, MASK_WITHOUT_IMAGE, SIZE_MISMATCH, DataError,
-                                SkipReport)
+from segjax.data.errors import (
+    DUPLICATE_STEM,
+    IMAGE_WITHOUT_MASK,
+    MASK_WITHOUT_IMAGE,
+    SIZE_MISMATCH,
+    DataError,
+    SkipReport,
+)
 
 T = TypeVar("T")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

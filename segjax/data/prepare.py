@@ -26,10 +26,18 @@ from segjax.data.coco import (
     read_instances,
     to_rle,
 )
-from segjax.data.errors import (IMAGE_MISSING, IMAGE_UNREADABLE, MASK_UNREADABLE, SIZE_MISMATCH, DataError,
-                                SkipReport)
-from segjax.data.files import (IMAGE_SUFFIXES, BadImage, SizeMismatch, decode, files_by_stem, pair_by_stem,
-                               read_rgb_sized, to_rgb, write_atomic)
+from segjax.data.errors import IMAGE_MISSING, IMAGE_UNREADABLE, MASK_UNREADABLE, SIZE_MISMATCH, DataError, SkipReport
+from segjax.data.files import (
+    IMAGE_SUFFIXES,
+    BadImage,
+    SizeMismatch,
+    decode,
+    files_by_stem,
+    pair_by_stem,
+    read_rgb_sized,
+    to_rgb,
+    write_atomic,
+)
 from segjax.data.memmap import SIDECAR_FORMAT, SIDECAR_VERSION, STORAGE, storage_names
 from segjax.data.transforms import letterbox_size, resize_letterbox, roi_targets
 from segjax.data.voc import read_mask, save_mask, voc_palette

@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from segjax.data.errors import DataError, SkipReport
-from segjax.data.images import SIZE_MISMATCH
+from segjax.data.errors import SIZE_MISMATCH, DataError, SkipReport
 
 logger = logging.getLogger(__name__)
 

@@ -26,21 +26,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from segjax.data.errors import DataError, SkipReport
-from segjax.data.images import BadImage, read_rgb_sized
-from segjax.data.semantic import (
-    IMAGE_SUFFIXES,
-    UNREADABLE,
-    SegPair,
-    checked_pair,
-    random_scale_crop_flip,
-    read_mask,
-)
+from segjax.data.errors import MASK_UNREADABLE, DataError, SkipReport
+from segjax.data.files import IMAGE_SUFFIXES, BadImage, decode, read_rgb_sized
+from segjax.data.transforms import random_scale_crop_flip
+from segjax.data.voc import SegPair, checked_pair, read_mask
 
 logger = logging.getLogger(__name__)
 
 IGNORE = 255
-# Skip reason beyond the semantic ones (image_missing, mask_missing, unreadable, size_mismatch).
+# Skip reason beyond the shared ones (image_missing, mask_missing, *_unreadable, size_mismatch).
 ALL_IGNORE = "all_ignore"  # label map without a single class pixel: nothing to learn from
 
 LABEL_IDS = ("train", "cityscapes")
@@ -299,14 +293,11 @@ class LabelScan:
 
 def label_histogram(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
     """Counts of the 256 stored label values and the label's (height, width); BadImage if unusable."""
-    try:
-        with Image.open(path) as img:
-            if img.mode in ("L", "P"):
-                img.load()
-                # PIL counts in C (palette indices for P): far faster than numpy on full-HD maps.
-                return np.asarray(img.histogram(), dtype=np.int64), (img.height, img.width)
-    except Exception as err:  # noqa: BLE001  (PIL raises many types for corrupt files)
-        raise BadImage(path, f"cannot decode ({type(err).__name__}: {err})") from err
+    # PIL counts in C (palette indices for P): far faster than numpy on full-HD maps.
+    found = decode(path, lambda img: (np.asarray(img.histogram(), np.int64), (img.height, img.width))
+                   if img.mode in ("L", "P") else None)
+    if found is not None:
+        return found
     values = read_mask(path)  # other modes: read_mask accepts 1 and explains the rest
     return np.bincount(values.ravel(), minlength=256), values.shape
 
@@ -340,7 +331,7 @@ def scan_labels(pairs: Sequence[SegPair], num_classes: int, *, label_ids: str = 
                                  disable=not progress, dynamic_ncols=True):
             if isinstance(result, BadImage):
                 logger.warning("skipping %s: %s", result.path, result.reason)
-                report.add(UNREADABLE, pair.id)
+                report.add(MASK_UNREADABLE, pair.id)
                 continue
             hist, size = result
             bad = np.flatnonzero((hist > 0) & (lut < 0))

@@ -10,8 +10,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segjax.data.errors import (IMAGE_MISSING, IMAGE_UNREADABLE, MASK_MISSING, MASK_UNREADABLE, SIZE_MISMATCH,
-                                DataError, SkipReport)
+from segjax.data.errors import (
+    IMAGE_MISSING,
+    IMAGE_UNREADABLE,
+    MASK_MISSING,
+    MASK_UNREADABLE,
+    SIZE_MISMATCH,
+    DataError,
+    SkipReport,
+)
 from segjax.data.files import IMAGE_SUFFIXES, BadImage, decode, files_by_stem, header_sizes, pair_by_stem
 
 logger = logging.getLogger(__name__)
