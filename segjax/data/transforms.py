@@ -127,7 +127,10 @@ def _zoom(array: np.ndarray, zoom: float, resample: Image.Resampling) -> np.ndar
 
 
 def _jitter_colour(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
-    """Brightness, contrast and saturation factors each drawn from [1 - strength, 1 + strength]."""
+    """Brightness, contrast and saturation factors each drawn from [1 - strength, 1 + strength].
+
+    In float with one rounding at the end; PIL's ImageEnhance would round and clip to uint8 after each step.
+    """
     brightness, contrast, saturation = rng.uniform(1.0 - strength, 1.0 + strength, size=3)
     luma = np.array([0.299, 0.587, 0.114], dtype=np.float32)
     x = image.astype(np.float32) * brightness
