@@ -70,7 +70,8 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, flags:
 
 def overrides(args: argparse.Namespace) -> list[tuple[str, str]]:
     """Field flags, then --set, as (key, text) pairs."""
-    fields = [(k.removeprefix("field:"), str(v)) for k, v in vars(args).items() if k.startswith("field:") and v is not None]
+    fields = [(k.removeprefix("field:"), str(v)) for k, v in vars(args).items()
+              if k.startswith("field:") and v is not None]
     return fields + config_lib.parse_set(args.set)
 
 

@@ -81,7 +81,8 @@ class TrainConfig:
     checkpoint_subdir: str = "checkpoints"
     resume: str = ""  # run dir / checkpoint dir / "latest": continue exactly
     resume_epochs: int = flag(0)  # with resume: train this many epochs beyond the checkpoint
-    init_from: str = flag("")  # run/checkpoint to load weights from (no optimizer, no data state); "latest" = newest run
+    # Run/checkpoint to load weights from (no optimizer, no data state); "latest" = newest run.
+    init_from: str = flag("")
     test_only: bool = flag(False)  # only validate the checkpoint given by resume / init_from
 
 
@@ -111,7 +112,7 @@ def _experiments_package() -> types.ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules["segjax.experiments"] = module
     spec.loader.exec_module(module)
-    setattr(sys.modules["segjax"], "experiments", module)
+    sys.modules["segjax"].experiments = module
     return module
 
 

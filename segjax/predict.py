@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"{args.checkpoint} is a checkpoint of {experiment!r}, not {args.experiment!r}")
     names = task.class_names
     if not 1 <= args.class_id < len(names):
-        raise ConfigError(f"--class_id must be within 1..{len(names) - 1} ({', '.join(names[1:])}), got {args.class_id}")
+        raise ConfigError(f"--class_id must be within 1..{len(names) - 1} ({', '.join(names[1:])}), "
+                          f"got {args.class_id}")
     predictor = Predictor(task, restored.graphdef, restored.state)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

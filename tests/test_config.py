@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import setuptools
+from helpers import ROOT
 
 from segjax import config as config_lib
 from segjax.config import ConfigError, from_dict, load_experiment, override, to_dict, validate
 from segjax.train import main, resolve_config
 
-from helpers import ROOT
 roi_human = config_lib.experiment_module("roi_human")
 
 USER_EXPERIMENT = """

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import ROI_TINY, load_tool
 
 from segjax import evaluate, predict, tasks, train
 from segjax.config import load_experiment, override
@@ -18,8 +19,6 @@ from segjax.data.errors import DataError
 from segjax.engine.setup import restore_model
 from segjax.export.runtime import make_session
 from segjax.train import resolve_config, train_and_evaluate
-
-from helpers import ROI_TINY, load_tool
 
 
 @pytest.mark.parametrize("experiment, paths", [

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from flax import nnx
+from helpers import ROI_TINY, load_tool
 
 from segjax import serve_bench, tasks
 from segjax.export import onnx as onnx_export
@@ -17,8 +18,6 @@ from segjax.export.onnx import export, format_report
 from segjax.export.runtime import make_session, random_inputs, read_metadata
 from segjax.models.semantic import SEMANTIC_MODELS
 from segjax.train import resolve_config, train_and_evaluate
-
-from helpers import ROI_TINY, load_tool
 
 SEMANTIC_SIZE = ["--set", "data.eval_size=48", "--set", "data.crop_size=48"]
 
@@ -202,7 +201,8 @@ def test_export_cli_takes_a_step_path_with_or_without_model(trained, tmp_path, c
         argv = ["--experiment", "voc_resnet", "--checkpoint", str(step), *model, "--out", str(tmp_path / "x.onnx")]
         with contextlib.redirect_stdout(io.StringIO()):
             assert load_tool("export_onnx").main(argv) == 0
-    argv = ["--experiment", "voc_resnet", "--checkpoint", str(step), "--model", "unet", "--out", str(tmp_path / "y.onnx")]
+    argv = ["--experiment", "voc_resnet", "--checkpoint", str(step), "--model", "unet",
+            "--out", str(tmp_path / "y.onnx")]
     assert load_tool("export_onnx").main(argv) == 2
     assert f"{step} is a checkpoint of model 'resnet18', not 'unet'" in capsys.readouterr().err
 

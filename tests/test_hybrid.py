@@ -8,14 +8,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import param_count
 from scipy.optimize import linear_sum_assignment
 
 from segjax.losses import set_prediction_loss
 from segjax.models.darknet import DarkNet53
 from segjax.models.hybrid import SIZES, HybridQueryModel, sine_positions
 from segjax.ops.matching import hungarian_match
-
-from helpers import param_count
 
 OVERFIT_STEPS = 100
 OVERFIT_SIZE = (48, 80)  # non-square, and not a multiple of 32

@@ -15,11 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import ENCODER_COUNTS, param_count
 
 from segjax.models import hybrid, roi_head
 from segjax.models.semantic import SEMANTIC_MODELS
-
-from helpers import ENCODER_COUNTS, param_count
 
 NUM_CLASSES = 5
 

@@ -140,7 +140,8 @@ def test_data_dir_of_one_prepared_size_sets_the_image_size(data_dir, tmp_path, c
     for path in data_dir.glob(f"train_{SIZE}_*"):
         shutil.copy(path, two / path.name.replace(f"_{SIZE}_", "_128_"))
     assert train_cli.main(no_size(two)) == 2
-    assert f"prepared sizes [{SIZE}, 128]; set data.image_size" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"cannot tell the records' size (prepared sizes [{SIZE}, 128]); set data.image_size" in err
 
 
 def test_original_pipeline_float16_files_without_sidecars(tmp_path):

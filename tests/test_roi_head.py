@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from segjax.models.layers import (
-    IMAGENET_MEAN, IMAGENET_STD, ConvNormAct, ResidualBlock, imagenet_normalize)
+from segjax.models.layers import IMAGENET_MEAN, IMAGENET_STD, ConvNormAct, ResidualBlock, imagenet_normalize
 from segjax.models.roi_head import SIZES, roi_human_model
 
 TINY, FULL, NUM_CLASSES = SIZES["tiny"], SIZES["full"], 3

@@ -7,12 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import ENCODER_COUNTS, param_count
 
 from segjax.models.resnet import RESNETS
 from segjax.models.semantic import SEMANTIC_MODELS
 from segjax.ops.resize import adaptive_avg_pool, resize_bilinear, resize_nearest
-
-from helpers import ENCODER_COUNTS, param_count
 
 
 def _images(n, h, w, seed=0):

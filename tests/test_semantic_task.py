@@ -98,8 +98,10 @@ def test_classes_come_from_the_prepared_folder(tmp_path, capsys):
     mapping = json.loads(Path(paths["classes"]).read_text())  # {"0": "background", "1": ...}
     assert task.class_names == tuple(mapping[str(i)] for i in range(len(mapping)))
     assert task.cfg.data.num_classes == len(task.class_names) == 7
-    model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
-    assert jax.eval_shape(model, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)).shape[-1] == 7
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))))
+    images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    logits = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, images)
+    assert logits.shape[-1] == 7
     # An explicit class count that disagrees with the folder's list stays an error.
     assert main([*argv, "--set", "data.num_classes=5"]) == 2
     assert "data.num_classes is 5 but the data has 7 classes" in capsys.readouterr().err

@@ -14,13 +14,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import ROI_TINY, ROOT
 
 from segjax import evaluate
 from segjax.data.demo import write_coco_person_demo
 from segjax.engine import steps as steps_lib
 from segjax.train import resolve_config, train_and_evaluate
-
-from helpers import ROI_TINY, ROOT
 
 TINY = [
     *ROI_TINY, "--set", "train.log_every=2", "--set", "train.num_visualizations=2",

@@ -16,7 +16,7 @@ _PLACEHOLDER = re.compile(r"\{(\w+)(?::([^}]+))?\}")
 _INDEX = r"\d+"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pattern(template: str) -> re.Pattern:
     parts, end = [], 0
     for match in _PLACEHOLDER.finditer(template):

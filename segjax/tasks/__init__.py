@@ -13,7 +13,8 @@ from segjax.config import ConfigError
 
 
 def task_class(name: str) -> type:
-    choices = sorted(p.stem for p in Path(__file__).parent.glob("*.py") if not p.stem.startswith("_") and p.stem != "base")
+    choices = sorted(p.stem for p in Path(__file__).parent.glob("*.py")
+                     if not p.stem.startswith("_") and p.stem != "base")
     if name not in choices:
         raise ConfigError(f"unknown task {name!r}; choose one of {choices}")
     return importlib.import_module(f"segjax.tasks.{name}").Task

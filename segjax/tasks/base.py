@@ -191,7 +191,7 @@ class TaskBase:
     def torch_weights(self) -> tuple[str, str]:
         raise self._unsupported("PyTorch original to import weights from")
 
-    def with_num_classes(self, num_classes: int) -> "TaskBase":
+    def with_num_classes(self, num_classes: int) -> TaskBase:
         """The same task for a model of `num_classes` classes (a PyTorch state dict's)."""
         raise self._unsupported(f"class count other than {len(self.class_names)}")
 

@@ -105,7 +105,8 @@ class Task(TaskBase):
     def check(cfg) -> None:
         data, model = cfg.data, sized(cfg.model, SIZES)
         if data.image_size < 8 or data.image_size % 8:
-            raise ConfigError(f"data.image_size must be a positive multiple of 8 (stride-8 features), got {data.image_size}")
+            raise ConfigError(f"data.image_size must be a positive multiple of 8 (stride-8 features), "
+                              f"got {data.image_size}")
         if data.mask_size != 56:
             raise ConfigError(f"data.mask_size must be 56, the ROI head's output size; got {data.mask_size}")
         if data.max_rois < 1:
@@ -172,7 +173,8 @@ class Task(TaskBase):
         if not data.extractor_onnx:
             return None
         if self._extractor is None:
-            cache = data.feature_cache_dir or str(Path(data.extractor_onnx).with_suffix("")) + f"_features_{data.image_size}"
+            cache = (data.feature_cache_dir
+                     or str(Path(data.extractor_onnx).with_suffix("")) + f"_features_{data.image_size}")
             self._extractor = OnnxFeatureExtractor(data.extractor_onnx, cache)
             if self._extractor.out_channels not in (None, self.feature_channels):
                 raise ConfigError(f"extractor gives {self._extractor.out_channels} channels but "
@@ -208,7 +210,8 @@ class Task(TaskBase):
         num_images, max_rois = rois.shape[:2]
         image_ok = batch["image_ok"] & batch["valid"]
         roi_valid = (batch["roi_valid"] & image_ok[:, None]).reshape(-1)
-        batch_index = jnp.broadcast_to(jnp.arange(num_images, dtype=rois.dtype)[:, None, None], (num_images, max_rois, 1))
+        batch_index = jnp.broadcast_to(jnp.arange(num_images, dtype=rois.dtype)[:, None, None],
+                                       (num_images, max_rois, 1))
         rois = jnp.concatenate([batch_index, rois], axis=-1).reshape(-1, 5)
         logits = model(inputs, rois).astype(jnp.float32)
         targets = batch["targets"].reshape(-1, *batch["targets"].shape[2:]).astype(jnp.int32)
