@@ -22,43 +22,68 @@ class ConfigError(ValueError):
     """A bad experiment name, override key or value; the message names the valid choices."""
 
 
+def flag(default: Any, name: str = "") -> Any:
+    """A config field that is also a command-line flag, as the original PyTorch scripts had it:
+    `--<name>` (default: the field's name) is `--set <section>.<field>=`."""
+    return field(default=default, metadata={"flag": name})
+
+
+def flags(cfg: Any, prefix: str = "") -> dict[str, str]:
+    """{flag name: dotted key} of every `flag` field in `cfg`'s sections."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flags(value, f"{prefix}{f.name}."))
+        elif "flag" in f.metadata:
+            out[f.metadata["flag"] or f.name] = f"{prefix}{f.name}"
+    return out
+
+
+def updated(cfg: Any, **sections: dict) -> Any:
+    """`cfg` with fields of its sections replaced: `updated(cfg, train=dict(epochs=3))`."""
+    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **values)
+                                       for name, values in sections.items()})
+
+
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    optimizer: Literal["adamw", "adam", "sgd"] = flag("adamw")
+    lr: float = flag(1e-3)
+    weight_decay: float = flag(1e-4)
     momentum: float = 0.9  # sgd only
-    scheduler: Literal["cosine", "step", "exponential", "none"] = "cosine"
-    min_lr: float = 0.0  # floor of the cosine schedule
+    scheduler: Literal["cosine", "step", "exponential", "none"] = flag("cosine")
+    min_lr: float = flag(0.0)  # floor of the cosine schedule
     step_epochs: int = 10  # step scheduler: multiply by `gamma` every this many epochs
     gamma: float = 0.1  # step and exponential (per epoch) decay factor
-    gradient_clip: float = 0.0  # max global gradient norm; 0 = off
-    gradient_accumulation: int = 1  # micro-batches per optimizer update
+    gradient_clip: float = flag(0.0)  # max global gradient norm; 0 = off
+    gradient_accumulation: int = flag(1)  # micro-batches per optimizer update
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 8  # global batch, split over every device of every process
+    epochs: int = flag(10)
+    batch_size: int = flag(8)  # global batch, split over every device of every process
     eval_batch_size: int = 0  # 0 = batch_size
-    seed: int = 0
-    precision: Literal["fp32", "bf16"] = "fp32"  # compute dtype; params, BN stats, loss stay f32
-    num_workers: int = 0  # grain worker processes; 0 = read in the training process
-    validate_every: int = 1  # epochs
-    save_every: int = 1  # epochs; the last epoch is always saved
+    seed: int = flag(0)
+    precision: Literal["fp32", "bf16"] = flag("fp32")  # compute dtype; params, BN stats, loss stay f32
+    num_workers: int = flag(0)  # grain worker processes; 0 = read in the training process
+    validate_every: int = flag(1)  # epochs
+    save_every: int = flag(1)  # epochs; the last epoch is always saved
     log_every: int = 10  # steps between metric fetches (the only host syncs in an epoch)
     num_visualizations: int = 4  # validation overlays written per validation
     eval_at_start: bool = False  # validate the untrained model too, as a baseline
     max_bad_record_ratio: float = 0.05  # stop when more records than this are unreadable
     max_nonfinite_steps: int = 20  # stop after this many steps with a NaN/inf loss (skipped)
-    run_root: str = "runs"
+    run_root: str = flag("runs", "checkpoint_dir")
     # Run directory under run_root; fields: {experiment}, {model} (model.name), {metric}, {timestamp}.
     run_name: str = "{experiment}/{timestamp}"
     checkpoint_subdir: str = "checkpoints"
     resume: str = ""  # run dir / checkpoint dir / "latest": continue exactly
-    resume_epochs: int = 0  # with resume: train this many epochs beyond the checkpoint
-    init_from: str = ""  # run/checkpoint to load weights from (no optimizer, no data state); "latest" = newest run
-    test_only: bool = False  # only validate the checkpoint given by resume / init_from
+    resume_epochs: int = flag(0)  # with resume: train this many epochs beyond the checkpoint
+    # Run/checkpoint to load weights from (no optimizer, no data state); "latest" = newest run.
+    init_from: str = flag("")
+    test_only: bool = flag(False)  # only validate the checkpoint given by resume / init_from
 
 
 @dataclass(frozen=True)
@@ -72,49 +97,40 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-# Flags that users of the original PyTorch scripts know, mapped onto config fields. A flag is
-# offered only when its field exists in the chosen experiment's config.
-ALIASES = {
-    "epochs": "train.epochs",
-    "batch_size": "train.batch_size",
-    "seed": "train.seed",
-    "precision": "train.precision",
-    "num_workers": "train.num_workers",
-    "validate_every": "train.validate_every",
-    "save_every": "train.save_every",
-    "checkpoint_dir": "train.run_root",
-    "resume_epochs": "train.resume_epochs",
-    "init_from": "train.init_from",
-    "test_only": "train.test_only",
-    "lr": "optim.lr",
-    "optimizer": "optim.optimizer",
-    "weight_decay": "optim.weight_decay",
-    "scheduler": "optim.scheduler",
-    "min_lr": "optim.min_lr",
-    "gradient_clip": "optim.gradient_clip",
-    "gradient_accumulation": "optim.gradient_accumulation",
-    "ce_weight": "loss.ce_weight",
-    "dice_weight": "loss.dice_weight",
-    "data_stats": "data.data_stats",
-    "train_ann": "data.train_ann",
-    "val_ann": "data.val_ann",
-    "train_img_dir": "data.train_img_dir",
-    "val_img_dir": "data.val_img_dir",
-    "train_mask_dir": "data.train_mask_dir",
-    "val_mask_dir": "data.val_mask_dir",
-    "data_root": "data.data_root",
-    "data_dir": "data.data_dir",
-    "backbone": "model.name",
-}
+def _experiments_package() -> types.ModuleType:
+    """`segjax.experiments`: installed there (pyproject's package-dir), or in a source tree the
+    experiments/ folder beside segjax/, imported under that name. Either way an unrelated
+    `experiments` package on sys.path cannot shadow the built-in experiments."""
+    try:
+        return importlib.import_module("segjax.experiments")
+    except ModuleNotFoundError as e:
+        if e.name != "segjax.experiments":
+            raise
+    folder = Path(__file__).resolve().parent.parent / "experiments"
+    spec = importlib.util.spec_from_file_location("segjax.experiments", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["segjax.experiments"] = module
+    spec.loader.exec_module(module)
+    sys.modules["segjax"].experiments = module
+    return module
+
 
 def builtin_experiments() -> list[str]:
-    import experiments
+    folder = Path(_experiments_package().__file__).parent
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
 
-    return sorted(p.stem for p in Path(experiments.__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+
+def experiment_variants(name: str) -> dict[str, tuple]:
+    """{parameter: choices} of an experiment's `get_config` (e.g. mode, model; `demo` is (False, True))."""
+    hints = typing.get_type_hints(experiment_module(name).get_config)
+    return {param: (False, True) if hint is bool else typing.get_args(hint)
+            for param, hint in hints.items() if param != "return"}
 
 
 def experiment_module(name: str):
     """The module of a built-in experiment, or of a user's experiment file."""
+    _experiments_package()  # a user's file may import a built-in experiment
     if name.endswith(".py"):
         path = Path(name).resolve()
         if not path.is_file():
@@ -136,19 +152,21 @@ def experiment_module(name: str):
         choices = builtin_experiments()
         if name not in choices:
             raise ConfigError(f"unknown experiment {name!r}; choose one of {choices} or pass a .py file")
-        module = importlib.import_module(f"experiments.{name}")
+        module = importlib.import_module(f"segjax.experiments.{name}")
     if not hasattr(module, "get_config"):
         raise ConfigError(f"experiment {name!r} has no get_config()")
     return module
 
 
-def load_experiment(name: str) -> Config:
-    """`name` is a built-in experiment or a path to a Python file with `get_config()`.
+def load_experiment(name: str, **variant) -> Config:
+    """`name` is a built-in experiment or a path to a Python file with `get_config()`; `variant`
+    its keyword arguments (see `experiment_variants`); those it does not take are left out.
 
     A file's config records the file's absolute path as its experiment, so a saved run can be
     rebuilt from its checkpoint alone.
     """
-    cfg = experiment_module(name).get_config()
+    known = experiment_variants(name)
+    cfg = experiment_module(name).get_config(**{k: v for k, v in variant.items() if k in known})
     if name.endswith(".py"):
         cfg = dataclasses.replace(cfg, experiment=str(Path(name).resolve()))
     return cfg
@@ -214,6 +232,24 @@ def _override(cfg: Any, parts: list[str], depth: int, text: str) -> Any:
         raise ConfigError(f"{key!r} is a section; set one of its fields: {[f.name for f in dataclasses.fields(current)]}")
     value = _parse_value(text, _field_types(cfg)[head], key)
     return dataclasses.replace(cfg, **{head: value})
+
+
+def parse_set(items: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
+    """`KEY=VALUE` texts (of --set) as (key, value) pairs."""
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def apply(cfg: Any, overrides: list[tuple[str, str]]) -> Any:
+    """`cfg` with each (dotted key, text) override applied in order."""
+    for key, value in overrides:
+        cfg = override(cfg, key, value)
+    return cfg
 
 
 def get_path(cfg: Any, key: str) -> Any:

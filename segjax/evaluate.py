@@ -10,55 +10,16 @@ import glob
 import json
 import math
 import sys
-import typing
-from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-from flax import nnx
 
-from segjax import config as config_lib
-from segjax import tasks
+from segjax import cli
 from segjax.engine import mesh as mesh_lib
 from segjax.engine import steps as steps_lib
-from segjax.engine.checkpoint import Checkpointer, find_checkpoint_dir
 from segjax.engine.runlog import setup_console_logging
+from segjax.engine.setup import restore_model
 from segjax.train import validate_model
-
-
-class Restored(typing.NamedTuple):
-    task: object  # built from the config saved in the checkpoint
-    graphdef: nnx.GraphDef  # eval mode: BatchNorm running averages, dropout off
-    state: nnx.State
-    ckpt_dir: Path
-    step: int
-    meta: dict
-
-
-def restore_model(path: str | Path, *, overrides: Sequence[str] = (), sharding=None) -> Restored:
-    """A checkpoint's model (its best step, else its latest) with the task its saved config builds.
-
-    `overrides` are `key=value` config changes; `sharding` places the weights (default: the
-    first local device).
-    """
-    ckpt_dir, step = find_checkpoint_dir(path)
-    checkpointer = Checkpointer(ckpt_dir, read_only=True)
-    step = step if step is not None else (checkpointer.best_step() or checkpointer.latest_step())
-    if step is None:
-        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
-    cfg = config_lib.from_dict(checkpointer.meta(step)["config"])
-    for item in overrides:
-        key, _, value = item.partition("=")
-        cfg = config_lib.override(cfg, key.strip(), value.strip())
-    task = tasks.build(cfg)
-    model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))  # shapes only: weights come from the checkpoint
-    model.eval()
-    graphdef, abstract_state = nnx.split(model)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state)
-    state, _, meta = checkpointer.restore(step, abstract_state)
-    checkpointer.close()
-    return Restored(task, graphdef, state, ckpt_dir, step, meta)
 
 
 def evaluate_checkpoint(path: str | Path, *, visualize: bool = True, overrides: list[str] = ()) -> dict:
@@ -76,7 +37,8 @@ def evaluate_checkpoint(path: str | Path, *, visualize: bool = True, overrides: 
 
     metrics = validate_model(task, eval_step, restored.state, mesh, cfg, on_first_batch=draw)
     return {"checkpoint": str(ckpt_dir / str(step)), "epoch": restored.meta["epoch"], "step": step,
-            "best_metric": task.best_metric, "best_mode": task.best_mode, "metrics": metrics}
+            "best_metric": task.best_metric, "best_mode": task.best_mode, "shown_metrics": list(task.shown_metrics),
+            "metrics": metrics}
 
 
 def expand(pattern: str) -> list[str]:
@@ -90,8 +52,7 @@ def comparison_table(results: list[dict]) -> str:
     values = [r["metrics"][metric] for r in results]
     finite = [v for v in values if not math.isnan(v)]
     best = (max if mode == "max" else min)(finite) if finite else None
-    columns = ["loss", "ce", "dice", "miou"] + sorted(k for k in results[0]["metrics"] if k.startswith("iou_"))
-    columns = [c for c in columns if c in results[0]["metrics"]]
+    columns = [c for c in results[0]["shown_metrics"] if isinstance(results[0]["metrics"].get(c), float)]
     header = f"{'checkpoint':<60} {'epoch':>5} " + " ".join(f"{c:>14}" for c in columns)
     lines = [header, "-" * len(header)]
     for r, value in zip(results, values):
@@ -104,6 +65,7 @@ def comparison_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@cli.guarded
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
     parser = argparse.ArgumentParser(prog="python -m segjax.evaluate", description=__doc__.splitlines()[0])
@@ -118,13 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give either CHECKPOINT or --multiple GLOB")
     paths = expand(args.multiple) if args.multiple else [args.checkpoint]
     if not paths:
-        print(f"error: no checkpoint matches {args.multiple!r}", file=sys.stderr)
-        return 2
-    try:
-        results = [evaluate_checkpoint(p, visualize=not args.no_visualization, overrides=args.set) for p in paths]
-    except (FileNotFoundError, config_lib.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"no checkpoint matches {args.multiple!r}")
+    results = [evaluate_checkpoint(p, visualize=not args.no_visualization, overrides=args.set) for p in paths]
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -26,11 +26,12 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from segjax import config as config_lib
+from segjax import cli
+from segjax.config import ConfigError
 from segjax.data.files import BadImage, read_rgb
 from segjax.data.transforms import resize_letterbox
 from segjax.engine.runlog import setup_console_logging
-from segjax.evaluate import restore_model
+from segjax.engine.setup import restore_model
 
 
 class Predictor:
@@ -93,6 +94,7 @@ def save_outputs(image: np.ndarray, mask: np.ndarray, out_dir: Path, stem: str) 
     return paths
 
 
+@cli.guarded
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
     parser = argparse.ArgumentParser(prog="python -m segjax.predict", description=__doc__.splitlines()[0])
@@ -108,21 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
-    try:
-        restored = restore_model(args.checkpoint)  # config from the checkpoint, weights on one device
-    except (FileNotFoundError, config_lib.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    restored = restore_model(args.checkpoint)  # config from the checkpoint, weights on one device
     task = restored.task
     experiment = Path(task.cfg.experiment).stem
     if args.experiment and Path(args.experiment).stem != experiment:
-        print(f"error: {args.checkpoint} is a checkpoint of {experiment!r}, not {args.experiment!r}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{args.checkpoint} is a checkpoint of {experiment!r}, not {args.experiment!r}")
     names = task.class_names
     if not 1 <= args.class_id < len(names):
-        print(f"error: --class_id must be within 1..{len(names) - 1} ({', '.join(names[1:])}), got {args.class_id}",
-              file=sys.stderr)
-        return 2
+        raise ConfigError(f"--class_id must be within 1..{len(names) - 1} ({', '.join(names[1:])}), "
+                          f"got {args.class_id}")
     predictor = Predictor(task, restored.graphdef, restored.state)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,21 +10,20 @@ import datetime
 import logging
 import sys
 import time
-import typing
 from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
+from segjax import cli, tasks
 from segjax import config as config_lib
-from segjax import tasks
 from segjax.data import pipeline
 from segjax.data.errors import DataError
 from segjax.engine import mesh as mesh_lib
+from segjax.engine import setup
 from segjax.engine import steps as steps_lib
-from segjax.engine.checkpoint import Checkpointer, find_checkpoint_dir, latest_run
+from segjax.engine.checkpoint import Checkpointer, latest_run
 from segjax.engine.runlog import RunLog, setup_console_logging
 
 log = logging.getLogger("segjax")
@@ -33,88 +32,46 @@ log = logging.getLogger("segjax")
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-def _alias_type(cfg, key):
-    annotation = config_lib.field_type(cfg, key)
-    if typing.get_origin(annotation) is typing.Literal:
-        return dict(choices=list(typing.get_args(annotation)))
-    if annotation is bool:
-        return dict(nargs="?", const="true", metavar="BOOL")
-    return dict(metavar=getattr(annotation, "__name__", "VALUE").upper())
-
-
-def build_parser(cfg: config_lib.Config | None) -> argparse.ArgumentParser:
-    # The first pass (cfg None) only finds --experiment; --help waits for the alias flags.
-    parser = argparse.ArgumentParser(prog="python -m segjax.train", description=__doc__.splitlines()[0],
-                                     add_help=cfg is not None)
-    parser.add_argument("--experiment", required=True,
-                        help=f"built-in name ({', '.join(config_lib.builtin_experiments())}) or a .py file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config field, e.g. --set optim.lr=3e-4 (repeatable)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m segjax.train", description=__doc__.splitlines()[0])
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_OR_CHECKPOINT",
                         help="continue a run exactly; no value = the latest run of this experiment")
+    parser.add_argument("--models", nargs="+", metavar="NAME",
+                        help="train these models one after the other (model.name; default: the experiment's)")
     parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
-    module = config_lib.experiment_module(cfg.experiment) if cfg is not None else None
-    if getattr(module, "MODES", None):
-        parser.add_argument("--mode", choices=list(module.MODES), help="a named set of overrides of the experiment")
-    if cfg is not None and config_lib.has_path(cfg, "model.name"):
-        parser.add_argument("--models", nargs="+", metavar="NAME", default=list(getattr(module, "MODELS", [])),
-                            help="train these models one after the other (model.name)")
     group = parser.add_argument_group("multi-host (see README)")
     group.add_argument("--coordinator_address", help="host:port of process 0; omit to auto-detect SLURM/MPI")
     group.add_argument("--num_processes", type=int)
     group.add_argument("--process_id", type=int)
-    if cfg is not None:
-        aliases = parser.add_argument_group("aliases of config fields (flags of the original scripts)")
-        for flag, key in config_lib.ALIASES.items():
-            if config_lib.has_path(cfg, key):
-                aliases.add_argument(f"--{flag}", dest=f"alias:{key}", help=f"= --set {key}=...",
-                                     **_alias_type(cfg, key))
     return parser
 
 
-def _apply(cfg: config_lib.Config, overrides: list[tuple[str, str]]) -> config_lib.Config:
-    for key, value in overrides:
-        cfg = config_lib.override(cfg, key, value)
-    return cfg
-
-
-def _overrides(args: argparse.Namespace) -> list[tuple[str, str]]:
-    pairs = [(k.removeprefix("alias:"), str(v)) for k, v in vars(args).items() if k.startswith("alias:") and v is not None]
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise config_lib.ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        pairs.append((key.strip(), value.strip()))
-    return pairs
-
-
 def resolve_config(argv: list[str], *, demo: bool = True) -> tuple[config_lib.Config, argparse.Namespace]:
-    """The config a command line asks for: experiment (or the resumed run's saved config),
-    demo overrides when no data is given (unless `demo` is False), then aliases and --set, validated."""
-    pre, _ = build_parser(None).parse_known_args(argv)
-    base = config_lib.load_experiment(pre.experiment)
-    args = build_parser(base).parse_args(argv)
-    overrides = _overrides(args)
-    if args.resume is not None:
-        run_root = dict(overrides).get("train.run_root", base.train.run_root)
-        path = latest_run(run_root, base.experiment) if args.resume == "latest" else Path(args.resume)
-        ckpt_dir, step = find_checkpoint_dir(path)
-        checkpointer = Checkpointer(ckpt_dir, read_only=True)
-        step = step if step is not None else checkpointer.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_dir}")
-        cfg = config_lib.from_dict(checkpointer.meta(step)["config"])
-        checkpointer.close()
-        cfg = _apply(cfg, overrides + [("train.resume", str(ckpt_dir))])
-    else:
-        # Order of precedence: experiment < demo overrides (no data given) < --mode < command line.
-        experiment = config_lib.experiment_module(pre.experiment)
-        mode = list(experiment.MODES[args.mode].items()) if getattr(args, "mode", None) else []
-        cfg = _apply(base, mode + overrides)
-        if demo and not tasks.task_module(cfg.task).has_data(cfg.data):
-            cfg = _apply(base, list(getattr(experiment, "DEMO_OVERRIDES", {}).items()) + mode + overrides)
-    tasks.task_module(cfg.task).validate(cfg)
-    return config_lib.validate(cfg), args
+    """The config a command line asks for (the resumed run's saved config with --resume), and the
+    parsed arguments; see segjax.cli."""
+    args = cli.parse(build_parser(), argv)
+    if args.resume is None:
+        return cli.experiment_config(args, demo=demo), args
+    pairs = cli.overrides(args)
+    base = config_lib.load_experiment(args.experiment)
+    run_root = dict(pairs).get("train.run_root", base.train.run_root)
+    path = latest_run(run_root, base.experiment) if args.resume == "latest" else args.resume
+    cfg, ckpt_dir, _ = setup.checkpoint_config(path, best=False)
+    return cli.checked(config_lib.apply(cfg, pairs + [("train.resume", str(ckpt_dir))])), args
+
+
+def models_to_train(cfg: config_lib.Config, args: argparse.Namespace) -> list[config_lib.Config]:
+    """One config per model of --models (default: every choice of the experiment's `model`
+    variant); just `cfg` for a resumed run or an experiment of one model."""
+    variants = config_lib.experiment_variants(args.experiment)
+    names = args.models or list(variants.get("model", ()))
+    if args.resume is not None or not names:
+        return [cfg]
+    if not config_lib.has_path(cfg, "model.name"):
+        raise config_lib.ConfigError(f"--models: experiment {cfg.experiment!r} has no model.name to choose")
+    if "model" in variants:
+        return [cli.experiment_config(args, model=name) for name in names]
+    return [cli.checked(config_lib.override(cfg, "model.name", name)) for name in names]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,9 +97,10 @@ def _new_run_dir(cfg: config_lib.Config, metric: str) -> Path:
     return run_dir.absolute()
 
 
-def _log_metrics(runlog: RunLog, step: int, epoch: int, split: str, metrics: dict) -> None:
-    shown = {k: v for k, v in metrics.items() if isinstance(v, float) and k in ("loss", "ce", "dice", "miou", "lr")}
-    log.info("epoch %d step %d %s: %s", epoch, step, split, " ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+def _log_metrics(runlog: RunLog, step: int, epoch: int, split: str, metrics: dict, shown: tuple[str, ...]) -> None:
+    """The task's shown metrics (and lr) on the console; every metric into the run log."""
+    text = " ".join(f"{k}={metrics[k]:.4f}" for k in (*shown, "lr") if isinstance(metrics.get(k), float))
+    log.info("epoch %d step %d %s: %s", epoch, step, split, text)
     runlog.write(step, epoch, split, metrics)
 
 
@@ -179,48 +137,6 @@ def _check_health(totals: dict, cfg: config_lib.Config) -> None:
                            f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}; lower the lr or check the data")
 
 
-class ModelSetup(typing.NamedTuple):
-    model_def: nnx.GraphDef  # training mode
-    eval_def: nnx.GraphDef  # BatchNorm running averages, dropout off
-    opt_def: nnx.GraphDef
-    model_state: nnx.State
-    opt_state: nnx.State
-    shardings: tuple  # of (model_state, opt_state)
-    schedule: typing.Callable  # learning rate per optimizer update
-    num_params: int
-
-
-def build_state(task, mesh: jax.sharding.Mesh, steps_per_epoch: int, epochs: int) -> ModelSetup:
-    """The task's model and optimizer as split NNX state, replicated over the mesh."""
-    cfg = task.cfg
-    # Created inside jit: eager initialisers compile one small program per layer shape.
-    model = nnx.jit(lambda: task.build_model(nnx.Rngs(cfg.train.seed)))()
-    tx, schedule = steps_lib.make_optimizer(cfg.optim, steps_per_epoch, epochs)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    model_def, model_state = nnx.split(model)
-    opt_def, opt_state = nnx.split(optimizer)
-    model.eval()
-    eval_def = nnx.graphdef(model)
-    replicated = mesh_lib.replicated(mesh)
-    model_state, opt_state = jax.device_put((model_state, opt_state), replicated)
-    shardings = jax.tree.map(lambda _: replicated, (model_state, opt_state))
-    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    return ModelSetup(model_def, eval_def, opt_def, model_state, opt_state, shardings, schedule, num_params)
-
-
-def load_torch_weights(task, model: nnx.Module, path: str) -> None:
-    """Imports a PyTorch state dict into `model` in place, by the task's scheme (segjax.bridge)."""
-    from segjax import bridge  # torch is imported only when a .pt/.pth file is read
-
-    target = task.torch_weights()
-    if target is None:
-        raise config_lib.ConfigError(f"{task.cfg.experiment}: this model has no PyTorch original to import from")
-    scheme, submodule = target
-    bridge.import_torch_weights(getattr(model, submodule) if submodule else model,
-                                bridge.load_torch_state_dict(path), scheme)
-    log.info("initialised %s from PyTorch weights %s (scheme %s)", submodule or "the model", path, scheme)
-
-
 def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None = None) -> dict:
     """Trains and validates as `cfg` says; returns a summary (run dir, first and last metrics).
 
@@ -228,23 +144,21 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
     """
     setup_console_logging()
 
-    # --- Task, mesh, run directory -----------------------------------------------------------
+    # --- Task, mesh, data, run directory -------------------------------------------------------
     task = tasks.build(cfg)
-    cfg = task.cfg  # data paths resolved (demo data written if none were given)
     mesh = mesh_lib.make_data_mesh()
     local_batch = mesh_lib.check_batch_size(cfg.train.batch_size, mesh)
+    train_source, train_transform = task.train_data()
+    cfg = task.cfg  # data paths (demo data written if none were given) and values found in the data
     resume_dir = Path(cfg.train.resume) if cfg.train.resume else None
     run_dir = resume_dir.parent if resume_dir and not cfg.train.test_only else _new_run_dir(cfg, task.best_metric)
     runlog = RunLog(run_dir)
     if runlog.enabled:
         config_lib.save(cfg, run_dir / "config.json")
     log.info("run directory %s; %d device(s), %d process(es)", run_dir, jax.device_count(), jax.process_count())
-
-    # --- Data ------------------------------------------------------------------------------------
-    train_source, train_transform = task.train_data()
     steps_per_epoch = len(train_source) // cfg.train.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_source)} training records is less than one batch of {cfg.train.batch_size}")
+        raise DataError(f"{len(train_source)} training records is less than one batch of {cfg.train.batch_size}")
     train_iter = iter(pipeline.train_dataset(train_source, train_transform, local_batch=local_batch,
                                              seed=cfg.train.seed, num_workers=cfg.train.num_workers))
 
@@ -257,9 +171,9 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
     resume_step = checkpointer.latest_step() if resume_dir else None
     if resume_dir and cfg.train.resume_epochs:
         total_epochs = checkpointer.meta(resume_step)["epoch"] + cfg.train.resume_epochs
-    setup = build_state(task, mesh, steps_per_epoch, total_epochs)
-    model_state, opt_state, schedule = setup.model_state, setup.opt_state, setup.schedule
-    log.info("model: %s parameters, compute %s", f"{setup.num_params:,}", cfg.train.precision)
+    state = setup.build_state(task, mesh, steps_per_epoch, total_epochs)
+    model_state, opt_state, schedule = state.model_state, state.opt_state, state.schedule
+    log.info("model: %s parameters, compute %s", f"{state.num_params:,}", cfg.train.precision)
 
     # --- Resume or initialise from a checkpoint ------------------------------------------------------
     if resume_dir:
@@ -269,24 +183,12 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
         opt_state = restored_opt if restored_opt is not None else opt_state
         start_epoch, step = meta["epoch"], meta["step"]
         log.info("resumed from %s step %d (epoch %d done)", resume_dir, resume_step, start_epoch)
-    elif cfg.train.init_from.startswith("torch:"):
-        model = nnx.merge(setup.model_def, model_state)
-        load_torch_weights(task, model, cfg.train.init_from.removeprefix("torch:"))
-        model_state = jax.device_put(nnx.state(model), mesh_lib.replicated(mesh))
     elif cfg.train.init_from:
-        source = cfg.train.init_from.removeprefix("segjax:")
-        if source == "latest":
-            source = latest_run(cfg.train.run_root, cfg.experiment)
-        ckpt_dir, init_step = find_checkpoint_dir(source)
-        init_ckpt = Checkpointer(ckpt_dir, read_only=True)
-        init_step = init_step if init_step is not None else init_ckpt.best_step() or init_ckpt.latest_step()
-        model_state, _, _ = init_ckpt.restore(init_step, model_state)
-        init_ckpt.close()
-        log.info("initialised weights from %s step %d", ckpt_dir, init_step)
+        model_state = setup.init_weights(task, state.model_def, model_state, mesh_lib.replicated(mesh))
 
     # --- Steps -------------------------------------------------------------------------------------
-    train_step = steps_lib.make_train_step(setup.model_def, setup.opt_def, task.loss_and_sums, setup.shardings)
-    eval_step = steps_lib.make_eval_step(setup.eval_def, task.loss_and_sums)
+    train_step = steps_lib.make_train_step(state.model_def, state.opt_def, task.loss_and_sums, state.shardings)
+    eval_step = steps_lib.make_eval_step(state.eval_def, task.loss_and_sums)
     vis_dir = run_dir / "visualizations"
 
     def validate(epoch: int) -> dict:
@@ -297,13 +199,14 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
 
         metrics = validate_model(task, eval_step, model_state, mesh, cfg, on_first_batch=draw)
         metrics["lr"] = current_lr()  # the rate the validated weights were last updated with
-        _log_metrics(runlog, step, epoch, "val", metrics)
+        _log_metrics(runlog, step, epoch, "val", metrics, task.shown_metrics)
         return metrics
 
     def current_lr() -> float:
         return float(schedule(max(step // cfg.optim.gradient_accumulation - 1, 0)))
 
-    summary = {"run_dir": str(run_dir), "first_val": None, "last_val": None, "epochs": total_epochs}
+    summary = {"run_dir": str(run_dir), "first_val": None, "last_val": None, "epochs": total_epochs,
+               "shown_metrics": task.shown_metrics}
     if cfg.train.test_only:
         summary["first_val"] = summary["last_val"] = validate(start_epoch)
         summary["model_state"] = model_state
@@ -331,7 +234,6 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
                 first.add(sums)
                 runlog.write_text("metrics_first_iter.txt", task.summarize(first.total))
             pending = sums if pending is None else steps_lib.add_sums(pending, sums)
-            bar.update()
             if (i + 1) % cfg.train.log_every == 0 or i + 1 == steps_per_epoch:
                 interval = steps_lib.HostSums()
                 interval.add(pending)  # the only host sync of the epoch, every log_every steps
@@ -340,14 +242,17 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
                 health.add({k: interval.total[k] for k in ("records", "bad_records", "nonfinite_steps")})
                 _check_health(health.total, cfg)
                 interval_metrics = task.summarize(interval.total)
-                bar.set_postfix(loss=f"{interval_metrics['loss']:.4f}", miou=f"{interval_metrics['miou']:.3f}")
+                # Steps are dispatched asynchronously: the bar advances by the steps this sync saw finish.
+                bar.update(i + 1 - bar.n)
+                bar.set_postfix({k: f"{interval_metrics[k]:.4f}" for k in task.shown_metrics[:2]
+                                 if isinstance(interval_metrics.get(k), float)})
         bar.close()
         train_metrics = task.summarize(epoch_totals.total)
         train_metrics["lr"] = current_lr()
         train_metrics["bad_records"] = int(epoch_totals.total["bad_records"])
         train_metrics["nonfinite_steps"] = int(epoch_totals.total["nonfinite_steps"])
         train_metrics["images_per_second"] = steps_per_epoch * cfg.train.batch_size / (time.perf_counter() - started)
-        _log_metrics(runlog, step, epoch, "train", train_metrics)
+        _log_metrics(runlog, step, epoch, "train", train_metrics, task.shown_metrics)
 
         val_metrics = None
         if epoch % cfg.train.validate_every == 0 or epoch == total_epochs:
@@ -370,35 +275,25 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
     return summary
 
 
+@cli.guarded
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg, args = resolve_config(argv)
-    except (config_lib.ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg, args = resolve_config(argv)
     mesh_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     if args.print_config:
         print(config_lib.to_json(cfg))
         return 0
-    models = getattr(args, "models", None) or [None]
-    for name in models:
-        try:
-            model_cfg = cfg if name is None else config_lib.validate(config_lib.override(cfg, "model.name", name))
-            summary = train_and_evaluate(model_cfg)
-        except (config_lib.ConfigError, DataError) as e:  # found once the data is opened
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        _print_summary(summary, title="" if name is None else f" ({name})")
+    configs = models_to_train(cfg, args)
+    for model_cfg in configs:
+        summary = train_and_evaluate(model_cfg)
+        _print_summary(summary, title=f" ({model_cfg.model.name})" if len(configs) > 1 else "")
     return 0
 
 
 def _print_summary(summary: dict, title: str) -> None:
     first, last = summary["first_val"], summary["last_val"]
     if last:
-        per_class = [k for k in last if k.startswith("iou_")]
-        keys = ["loss", "miou", "pixel_accuracy"] + (per_class if len(per_class) <= 4 else [])
+        keys = [k for k in summary["shown_metrics"] if isinstance(last.get(k), float)]
         print(f"\nvalidation{title}\n{'':8}" + " ".join(f"{k:>16}" for k in keys))
         if first is not last and first is not None:
             print(f"{'first':8}" + " ".join(f"{first[k]:16.4f}" for k in keys))

@@ -1,6 +1,8 @@
-"""Shared test set-up: cheap CPU compiles and the path to the real sample data."""
+"""Shared test set-up: cheap CPU compiles, the real sample data, the PyTorch reference libraries."""
 import os
+import sys
 import tempfile
+import types
 from pathlib import Path
 
 import jax
@@ -22,3 +24,21 @@ def realdata() -> Path:
     if not REALDATA.exists():
         raise FileNotFoundError(f"real sample data not found at {REALDATA}; set SEGJAX_REALDATA")
     return REALDATA
+
+
+@pytest.fixture
+def ref():
+    """torch, torchvision, timm and smp on the CPU-only torch build, torch seeded per test.
+
+    torchvision's compiled ops do not load against it; stubbing their registration module
+    leaves its pure-Python models (all these tests need) working. See STACK_NOTES.
+    """
+    sys.modules.setdefault("torchvision._meta_registrations",
+                           types.ModuleType("torchvision._meta_registrations"))
+    import segmentation_models_pytorch
+    import timm
+    import torch
+    import torchvision
+    torch.manual_seed(0)
+    return types.SimpleNamespace(torch=torch, torchvision=torchvision, timm=timm,
+                                 smp=segmentation_models_pytorch)

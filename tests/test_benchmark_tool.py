@@ -3,16 +3,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--set", "data.image_size=64", "--set", "data.max_rois=2", "--set", "model.feature_channels=16",
-        "--set", "model.backbone_widths=8,8,16", "--set", "model.backbone_blocks=1,1,1",
-        "--set", "model.head_width=8", "--set", "model.head_fine_width=8"]
+from helpers import ROI_TINY, ROOT
 
 
 def test_benchmark_prints_timings_and_ratios(tmp_path):
-    cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--experiment", "roi_human", *TINY,
+    cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--experiment", "roi_human", *ROI_TINY,
            "--set", f"data.demo_root={tmp_path / 'demo'}", "--batch_size", "2", "--repeats", "2",
            "--pipeline_batches", "2", "--loop_steps", "2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}

@@ -5,8 +5,6 @@ loads with `load_state_dict(strict=True)` and segjax -> torch -> segjax is bitwi
 failure messages and the checkpoint reader. torch, torchvision, timm and smp come from
 requirements-torch-ref.txt; nothing is downloaded.
 """
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -18,31 +16,13 @@ from segjax.bridge import import_torch_weights, load_torch_state_dict, to_torch_
 from segjax.models.darknet import DarkNet53
 from segjax.models.deeplabv3 import DeepLabV3
 from segjax.models.encoder_decoder import EncoderDecoder
-from segjax.models.hybrid import HybridQueryModel
+from segjax.models.hybrid import SIZES, HybridQueryModel
 from segjax.models.layers import imagenet_normalize
 from segjax.models.resnet import RESNETS
 from segjax.models.unet import Unet
 
 TOLERANCE = 1e-4
 NUM_CLASSES = 21
-
-
-@pytest.fixture
-def ref():
-    """torch, torchvision, timm and smp on the CPU-only torch build, torch seeded per test.
-
-    torchvision's compiled ops do not load against it; stubbing their registration module
-    leaves its pure-Python models (all these tests need) working. See STACK_NOTES.
-    """
-    sys.modules.setdefault("torchvision._meta_registrations",
-                           types.ModuleType("torchvision._meta_registrations"))
-    import segmentation_models_pytorch
-    import timm
-    import torch
-    import torchvision
-    torch.manual_seed(0)
-    return types.SimpleNamespace(torch=torch, torchvision=torchvision, timm=timm,
-                                 smp=segmentation_models_pytorch)
 
 
 def _images(n, h, w, seed):
@@ -193,8 +173,8 @@ def test_darknet53_matches_timm_standalone_and_in_hybrid(ref):
     _check_round_trip(ref, model, net, "timm_darknet53")
 
     # The same weights into the hybrid model's backbone; its FPN and decoder stay as built.
-    hybrid = HybridQueryModel(1, backbone_negative_slope=slope, fpn_channels=8, num_queries=2,
-                              d_model=8, num_layers=1, num_heads=1, dim_feedforward=8,
+    full_backbone = {k: v for k, v in SIZES["full"].items() if k.startswith("backbone_")}
+    hybrid = HybridQueryModel(1, **{**SIZES["tiny"], **full_backbone}, backbone_negative_slope=slope,
                               rngs=nnx.Rngs(0))
     decoder = nnx.clone(hybrid.decoder)
     import_torch_weights(hybrid.backbone, net.state_dict(), "timm_darknet53")

@@ -1,14 +1,21 @@
 """Experiment lookup, `a.b=value` overrides, CLI aliases and demo overrides, validation and the
 saved-config round trip. Nothing here trains: the command line stops at the resolved config."""
 import json
+import shutil
+import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
+import setuptools
+from helpers import ROOT
 
-from experiments import roi_human
 from segjax import config as config_lib
 from segjax.config import ConfigError, from_dict, load_experiment, override, to_dict, validate
 from segjax.train import main, resolve_config
+
+roi_human = config_lib.experiment_module("roi_human")
 
 USER_EXPERIMENT = """
 from __future__ import annotations
@@ -17,18 +24,19 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from experiments.roi_human import DEMO_OVERRIDES, get_config as roi_human_config
+from segjax.experiments.roi_human import get_config as roi_human_config
+from segjax.config import flag
 
 
 @dataclass(frozen=True)
 class MyLoss:
     mode: Literal["focal", "plain"] = "plain"
-    ce_weight: float = 1.0
+    ce_weight: float = flag(1.0)
     dice_weight: float = 0.25
 
 
-def get_config():
-    cfg = roi_human_config()
+def get_config(demo: bool = False):
+    cfg = roi_human_config(demo=demo)
     return dataclasses.replace(cfg, loss=MyLoss(), train=dataclasses.replace(cfg.train, epochs=7))
 """
 
@@ -50,11 +58,41 @@ def user_file(tmp_path):
 # --- experiment lookup -------------------------------------------------------------------------
 def test_builtin_experiment_loads_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for name in [m for m in sys.modules if m == "experiments" or m.startswith("experiments.")]:
+    for name in [m for m in sys.modules if m.startswith("segjax.experiments")]:
         monkeypatch.delitem(sys.modules, name)
     assert "roi_human" in config_lib.builtin_experiments()
     cfg = load_experiment("roi_human")
     assert (cfg.experiment, cfg.task, cfg.train.epochs) == ("roi_human", "roi_instance", 30)
+
+
+SHADOW = "import json, sys; from segjax import config; print(json.dumps([config.builtin_experiments(), " \
+         "config.experiment_module('roi_human').__file__]))"
+
+
+def test_experiments_cannot_be_shadowed_installed_or_from_source(tmp_path):
+    """An unrelated `experiments` package first on sys.path changes nothing, after
+    `pip install .` (into a folder) as from the source tree."""
+    shadow = tmp_path / "elsewhere"
+    (shadow / "experiments").mkdir(parents=True)
+    (shadow / "experiments" / "__init__.py").write_text("raise ImportError('the wrong experiments package')\n")
+    source, installed = tmp_path / "source", tmp_path / "installed"  # a copy: the build writes beside it
+    for name in ("segjax", "experiments"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(installed), str(source)], check=True, capture_output=True, timeout=300)
+    for root in (installed, ROOT):
+        out = subprocess.run([sys.executable, "-c", SHADOW], cwd=shadow, env={"PYTHONPATH": f"{shadow}:{root}"},
+                             check=True, capture_output=True, text=True).stdout
+        names, path = json.loads(out)
+        assert names == config_lib.builtin_experiments() and Path(path).is_relative_to(root)
+    assert (installed / "segjax" / "experiments" / "roi_human.py").is_file()
+
+
+def test_pyproject_lists_every_package():
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert sorted(listed) == sorted(setuptools.find_packages(str(ROOT), include=["segjax*"]) + ["segjax.experiments"])
 
 
 def test_unknown_experiment_lists_valid_ones():
@@ -81,9 +119,10 @@ def test_user_experiment_file(user_file, monkeypatch):
 def test_user_experiment_from_the_command_line(user_file):
     cfg, _ = resolve_config(["--experiment", str(user_file), "--ce_weight", "3", "--set", "loss.mode=focal"])
     assert cfg.experiment == str(user_file)
-    demo_epochs = int(roi_human.DEMO_OVERRIDES["train.epochs"])  # the file re-exports roi_human's demo
-    assert (cfg.loss.ce_weight, cfg.loss.dice_weight, cfg.loss.mode, cfg.train.epochs) == (3.0, 0.25, "focal", demo_epochs)
-    assert cfg.data.image_size == 128  # the DEMO_OVERRIDES the file exposes
+    assert (cfg.loss.ce_weight, cfg.loss.dice_weight, cfg.loss.mode, cfg.train.epochs) == (3.0, 0.25, "focal", 7)
+    assert cfg.data.image_size == 128  # roi_human's demo variant, which the file passes on
+    with pytest.raises(SystemExit):  # a field declared without flag() is no flag
+        resolve_config(["--experiment", str(user_file), "--dice_weight", "3"])
 
 
 # --- overrides -----------------------------------------------------------------------------------
@@ -129,7 +168,7 @@ def test_override_parses_by_type(base, key, text, expected):
     ("train.epochz", "3", r"unknown config key 'epochz' in 'train.epochz'; valid keys here: \[.*'epochs'.*\]"),
     ("data.image_sise", "3", r"'data.image_sise'; valid keys here: \[.*'image_size'.*\]"),
     ("train", "3", r"'train' is a section; set one of its fields: \['epochs', 'batch_size'"),
-    ("model", "x", r"'model' is a section; set one of its fields: \['feature_channels'"),
+    ("model", "x", r"'model' is a section; set one of its fields: \['size', 'feature_channels'"),
     ("train.epochs.x", "1", r"cannot set 'train.epochs.x': 'train.epochs' is a value"),
 ])
 def test_override_rejects_bad_keys_and_values(base, key, text, message):
@@ -162,24 +201,21 @@ def test_aliases_and_set_land_on_their_fields():
 
 def test_demo_overrides_apply_without_data_and_flags_win():
     cfg, _ = resolve_config(["--experiment", "roi_human"])
-    expected = load_experiment("roi_human")
-    for key, text in roi_human.DEMO_OVERRIDES.items():
-        expected = override(expected, key, text)
-    assert cfg == expected
+    assert cfg == roi_human.get_config(demo=True) == load_experiment("roi_human", demo=True)
     assert cfg.data.image_size == 128 and cfg.train.epochs != load_experiment("roi_human").train.epochs
 
     cfg, _ = resolve_config(["--experiment", "roi_human", "--epochs", "2", "--set", "data.image_size=96",
                              "--lr", "0.02"])
     assert (cfg.data.image_size, cfg.train.epochs, cfg.optim.lr) == (96, 2, 0.02)
-    assert cfg.model.feature_channels == 64  # the other demo overrides still apply
+    assert cfg.model.size == "tiny"  # the rest of the demo variant still applies
 
 
 def test_demo_overrides_do_not_apply_with_data_paths():
     cfg, _ = resolve_config(["--experiment", "roi_human", *DATA_FLAGS])
-    assert (cfg.data.image_size, cfg.train.epochs, cfg.model.feature_channels, cfg.optim.lr) == (640, 30, 1024, 1e-4)
-    # One path is enough to count as real data (the task then asks for the rest).
-    cfg, _ = resolve_config(["--experiment", "roi_human", "--set", "data.train_ann=a.json"])
-    assert cfg.data.image_size == 640
+    assert (cfg.data.image_size, cfg.train.epochs, cfg.model.size, cfg.optim.lr) == (640, 30, "full", 1e-4)
+    # One path is enough to count as real data; the task then names the missing ones.
+    with pytest.raises(ConfigError, match="missing --val_ann --train_img_dir --val_img_dir"):
+        resolve_config(["--experiment", "roi_human", "--set", "data.train_ann=a.json"])
 
 
 def test_print_config(capsys):
@@ -203,6 +239,7 @@ def test_print_config(capsys):
     (["--set", "optim.optimizer=lion"], "choose one of ['adamw', 'adam', 'sgd']"),
     (["--test_only"], "test_only needs a checkpoint"),
     (["--min_lr", "1"], "optim.min_lr (1.0) must not exceed optim.lr (0.003)"),
+    (["--train_ann", "X.json"], "real data needs all of --train_ann --val_ann --train_img_dir --val_img_dir"),
 ])
 def test_bad_command_lines_exit_2_with_a_message(capsys, argv, message):
     assert main(["--experiment", "roi_human", "--print_config", *argv]) == 2

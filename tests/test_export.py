@@ -3,7 +3,6 @@ batch sizes and two ROI counts, names and dynamic dimensions, metadata, fp16, th
 trained checkpoint, a forced mismatch, and serve_bench's table."""
 import contextlib
 import dataclasses
-import importlib.util
 import io
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from flax import nnx
+from helpers import ROI_TINY, load_tool
 
 from segjax import serve_bench, tasks
 from segjax.export import onnx as onnx_export
@@ -19,10 +19,6 @@ from segjax.export.runtime import make_session, random_inputs, read_metadata
 from segjax.models.semantic_models import SEMANTIC_MODELS
 from segjax.train import resolve_config, train_and_evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
-ROI_TINY = ["--set", "data.image_size=64", "--set", "model.feature_channels=16",
-            "--set", "model.backbone_widths=8,8,16", "--set", "model.backbone_blocks=1,1,1",
-            "--set", "model.head_width=8", "--set", "model.head_fine_width=8"]
 SEMANTIC_SIZE = ["--set", "data.eval_size=48", "--set", "data.crop_size=48"]
 
 
@@ -135,7 +131,7 @@ def test_metadata_round_trip(fp16_export):
     path, report = fp16_export
     meta = read_metadata(path)
     assert meta == read_metadata(make_session(path, prefer=("cpu",))) == report["metadata"]
-    assert meta["experiment"] == "voc_resnet" and meta["task"] == "semantic" and meta["variant"] == "default"
+    assert meta["experiment"] == "voc_resnet" and meta["task"] == "semantic_maps" and meta["variant"] == "default"
     assert meta["class_names"][:2] == ["background", "aeroplane"] and len(meta["class_names"]) == 21
     assert meta["input_size"] == [48, 48] and meta["inputs"] == {"images": [2, 3, 48, 48]}
     assert meta["normalization"] == "RGB [0,1], ImageNet mean/std inside the graph"
@@ -163,13 +159,6 @@ def test_random_rois_are_valid_boxes():
 
 # ------------------------------------------------------------------------- export CLI, serve_bench
 
-def _export_tool():
-    spec = importlib.util.spec_from_file_location("export_onnx", ROOT / "tools" / "export_onnx.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def trained(demo_root, tmp_path_factory) -> Path:
     """The run directory of a one-step voc_resnet run (tiny resnet18, one image) in its own run root."""
@@ -187,7 +176,7 @@ def cli_export(trained, tmp_path_factory) -> tuple[Path, int, str]:
     argv = ["--experiment", "voc_resnet", "--checkpoint", str(trained.parents[1]), "--model", "resnet18",
             "--out", str(out)]
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
-        status = _export_tool().main(argv)
+        status = load_tool("export_onnx").main(argv)
     return out, status, stdout.getvalue()
 
 
@@ -201,9 +190,21 @@ def test_export_cli_writes_a_checked_model(cli_export):
 def test_export_cli_names_the_models_it_found(trained, tmp_path, capsys):
     argv = ["--experiment", "voc_resnet", "--checkpoint", str(trained.parents[1]), "--model", "unet",
             "--out", str(tmp_path / "x.onnx")]
-    assert _export_tool().main(argv) == 2
+    assert load_tool("export_onnx").main(argv) == 2
     err = capsys.readouterr().err
     assert "no run of 'voc_resnet' with model 'unet' with checkpoints" in err and "models found: ['resnet18']" in err
+
+
+def test_export_cli_takes_a_step_path_with_or_without_model(trained, tmp_path, capsys):
+    step = next(p for p in (trained / "checkpoints").iterdir() if p.name.isdigit())
+    for model in ([], ["--model", "resnet18"]):
+        argv = ["--experiment", "voc_resnet", "--checkpoint", str(step), *model, "--out", str(tmp_path / "x.onnx")]
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert load_tool("export_onnx").main(argv) == 0
+    argv = ["--experiment", "voc_resnet", "--checkpoint", str(step), "--model", "unet",
+            "--out", str(tmp_path / "y.onnx")]
+    assert load_tool("export_onnx").main(argv) == 2
+    assert f"{step} is a checkpoint of model 'resnet18', not 'unet'" in capsys.readouterr().err
 
 
 def test_export_cli_fails_on_a_mismatch(trained, tmp_path, monkeypatch, capsys):
@@ -219,7 +220,7 @@ def test_export_cli_fails_on_a_mismatch(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(onnx_export, "_convert", corrupted)
     out = tmp_path / "bad.onnx"
     argv = ["--experiment", "voc_resnet", "--checkpoint", str(trained), "--out", str(out)]
-    assert _export_tool().main(argv) == 1
+    assert load_tool("export_onnx").main(argv) == 1
     assert "differs from the JAX model" in capsys.readouterr().err
     assert not out.exists() and (tmp_path / "bad.unchecked.onnx").is_file()
 
@@ -254,14 +255,42 @@ def test_export_cli_from_pytorch_weights_in_one_command(demo_root, tmp_path):
     weights = tmp_path / "unet.pth"
     torch.save({k: torch.from_numpy(v) for k, v in to_torch_state_dict(source, "smp_unet").items()}, weights)
     out = tmp_path / "unet.onnx"
-    argv = ["--experiment", "voc_resnet", "--init_from", f"torch:{weights}", "--set", "model.name=unet",
+    argv = ["--experiment", "voc_resnet", "--init_from", f"torch:{weights}", "--model", "unet",
             "--set", "model.size=tiny", "--set", f"data.demo_root={demo_root}", *SEMANTIC_SIZE,
             "--out", str(out), "--height", "40", "--width", "56"]
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
-        assert _export_tool().main(argv) == 0, stdout.getvalue()
+        assert load_tool("export_onnx").main(argv) == 0, stdout.getvalue()
     session = make_session(out, prefer=("cpu",))
     images = np.random.default_rng(0).uniform(size=(1, 3, 40, 56)).astype(np.float32)
     (logits,) = session.run(None, {"images": images})
     source.eval()
     expected = source(np.transpose(images, (0, 2, 3, 1)))  # the source weights, not a fresh init
     np.testing.assert_allclose(logits, np.transpose(np.asarray(expected), (0, 3, 1, 2)), atol=1e-4)
+
+
+def test_readme_deeplabv3_import_and_export(ref, demo_root, tmp_path):
+    """README's command on a real torchvision deeplabv3_resnet50 state dict: the full-size model
+    (no demo variant), its class count (5) from the classifier; ONNX output equals torchvision's."""
+    net = ref.torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=5)
+    net.eval()
+    weights, out = tmp_path / "deeplabv3.pth", tmp_path / "deeplab.onnx"
+    ref.torch.save(net.state_dict(), weights)
+    argv = ["--experiment", "voc_resnet", "--init_from", f"torch:{weights}", "--set", "model.name=deeplabv3",
+            "--out", str(out), "--set", f"data.demo_root={demo_root}", "--height", "64", "--width", "64"]
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert load_tool("export_onnx").main(argv) == 0, stdout.getvalue()
+    assert len(read_metadata(out)["class_names"]) == 5
+    images = np.random.default_rng(0).uniform(size=(1, 3, 64, 64)).astype(np.float32)
+    (logits,) = make_session(out, prefer=("cpu",)).run(None, {"images": images})
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    with ref.torch.no_grad():  # torchvision expects ImageNet-normalised input; the ONNX graph normalises inside
+        expected = net(ref.torch.from_numpy(((images - mean[:, None, None]) / std[:, None, None]).astype(np.float32)))
+    expected = expected["out"].numpy()
+    assert logits.shape == expected.shape == (1, 5, 64, 64)
+    assert np.abs(logits - expected).max() < 1e-3 * max(1.0, np.abs(expected).max())
+
+
+def test_export_model_flag_acts_or_is_refused(tmp_path, capsys):
+    argv = ["--experiment", "roi_human", "--init_from", "torch:w.pth", "--model", "unet", "--out", str(tmp_path / "x")]
+    assert load_tool("export_onnx").main(argv) == 2
+    assert "--model: experiment 'roi_human' has a single model (no model.name)" in capsys.readouterr().err

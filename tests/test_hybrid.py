@@ -8,19 +8,16 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import param_count
 from scipy.optimize import linear_sum_assignment
 
 from segjax.losses import set_prediction_loss
 from segjax.models.darknet import DarkNet53
-from segjax.models.hybrid import HYBRID_FULL, HYBRID_TINY, HybridQueryModel, sine_positions
+from segjax.models.hybrid import SIZES, HybridQueryModel, sine_positions
 from segjax.ops.matching import hungarian_match
 
 OVERFIT_STEPS = 100
 OVERFIT_SIZE = (48, 80)  # non-square, and not a multiple of 32
-
-
-def _count(module: nnx.Module) -> int:
-    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
 def _abstract_call(module: nnx.Module, *args, **static):
@@ -33,12 +30,11 @@ def _abstract_call(module: nnx.Module, *args, **static):
 
 def test_full_size_counts_and_shapes():
     """Every part at full size, abstractly: timm's DarkNet-53 count, strides 8/16/32."""
-    assert _count(nnx.eval_shape(lambda: DarkNet53(rngs=nnx.Rngs(0)))) == 40_584_928
-    model = nnx.eval_shape(lambda: HybridQueryModel(1, **HYBRID_FULL, rngs=nnx.Rngs(0)))
-    assert _count(model.backbone) == 40_584_928  # timm darknet53 with num_classes=0
-    assert _count(model.fpn) == 3_212_800
-    assert _count(model.decoder) == 17_576_066
-    assert _count(model) == 61_373_794
+    assert param_count(nnx.eval_shape(lambda: DarkNet53(rngs=nnx.Rngs(0)))) == 40_584_928
+    model = nnx.eval_shape(lambda: HybridQueryModel(1, **SIZES["full"], rngs=nnx.Rngs(0)))
+    assert param_count(model.backbone) == 40_584_928  # timm darknet53 with num_classes=0
+    assert param_count(model.fpn) == 3_212_800
+    assert param_count(model.decoder) == 17_576_066
     images = jax.ShapeDtypeStruct((2, 640, 640, 3), jnp.float32)
     features = _abstract_call(model.backbone, images)
     assert [f.shape for f in features] == [
@@ -52,10 +48,10 @@ def test_full_size_counts_and_shapes():
 
 @pytest.mark.parametrize("size", [(70, 100), (33, 65)])
 def test_tiny_output_shapes_for_odd_sizes(size):
-    model = nnx.eval_shape(lambda: HybridQueryModel(3, **HYBRID_TINY, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: HybridQueryModel(3, **SIZES["tiny"], rngs=nnx.Rngs(0)))
     out = _abstract_call(model, jax.ShapeDtypeStruct((2, *size, 3), jnp.float32))
-    assert out["pred_logits"].shape == (2, HYBRID_TINY["num_queries"], 4)
-    assert out["pred_masks"].shape == (2, HYBRID_TINY["num_queries"], *size)
+    assert out["pred_logits"].shape == (2, SIZES["tiny"]["num_queries"], 4)
+    assert out["pred_masks"].shape == (2, SIZES["tiny"]["num_queries"], *size)
     features = _abstract_call(model.backbone, jax.ShapeDtypeStruct((1, *size, 3), jnp.float32))
     h, w = size
     for feature, stride in zip(features, (8, 16, 32)):
@@ -230,7 +226,7 @@ def overfit():
     masks, classes, valid = jnp.asarray(mask[None, None]), jnp.zeros((1, 1), jnp.int32), \
         jnp.ones((1, 1), bool)
 
-    model = HybridQueryModel(1, **HYBRID_TINY, rngs=nnx.Rngs(0))
+    model = HybridQueryModel(1, **SIZES["tiny"], rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     opt_state = TX.init(nnx.state(model, nnx.Param))
     state, opt_state, loss, _, out, grads = _train_step(
@@ -245,8 +241,8 @@ def overfit():
 
 def test_tiny_forward_backward(overfit):
     out = overfit["out"]
-    assert out["pred_logits"].shape == (1, HYBRID_TINY["num_queries"], 2)
-    assert out["pred_masks"].shape == (1, HYBRID_TINY["num_queries"], *OVERFIT_SIZE)
+    assert out["pred_logits"].shape == (1, SIZES["tiny"]["num_queries"], 2)
+    assert out["pred_masks"].shape == (1, SIZES["tiny"]["num_queries"], *OVERFIT_SIZE)
     assert all(np.isfinite(np.asarray(v)).all() for v in out.values())
     grads = overfit["grads"]
     parts = {

@@ -129,6 +129,21 @@ def test_bad_data_dirs_exit_2_with_a_message(data_dir, tmp_path, capsys):
     assert re.search(r"train_64_u8_masks.mmap: expected \d+ bytes .*found \d+ bytes", capsys.readouterr().err)
 
 
+def test_data_dir_of_one_prepared_size_sets_the_image_size(data_dir, tmp_path, capsys):
+    def no_size(folder):  # TINY without its first flag, data.image_size
+        return ["--experiment", "hybrid_p3m", "--data_dir", str(folder), *TINY[2:], "--checkpoint_dir", str(tmp_path)]
+
+    cfg, _ = resolve_config(no_size(data_dir))
+    assert cfg.data.image_size == 0 and tasks.build(cfg).cfg.data.image_size == SIZE
+    two = tmp_path / "two"
+    shutil.copytree(data_dir, two)
+    for path in data_dir.glob(f"train_{SIZE}_*"):
+        shutil.copy(path, two / path.name.replace(f"_{SIZE}_", "_128_"))
+    assert train_cli.main(no_size(two)) == 2
+    err = capsys.readouterr().err
+    assert f"cannot tell the records' size (prepared sizes [{SIZE}, 128]); set data.image_size" in err
+
+
 def test_original_pipeline_float16_files_without_sidecars(tmp_path):
     """NCHW float16 files named as the PyTorch pipeline names them, known by their name's tag."""
     data_dir = _prepare(tmp_path, dtype="float16")

@@ -3,10 +3,14 @@ coco_semantic training several models in one command."""
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
+from segjax import tasks
 from segjax.data.demo import write_coco_semantic_demo, write_voc_demo
 from segjax.train import main, resolve_config, train_and_evaluate
 
@@ -86,11 +90,20 @@ def test_coco_semantic_trains_several_models(tmp_path, capsys):
     assert "validation (fastscnn)" in out and "validation (unet)" in out
 
 
-def test_class_count_mismatch_is_a_clear_error(tmp_path, capsys):
+def test_classes_come_from_the_prepared_folder(tmp_path, capsys):
     paths = write_coco_semantic_demo(tmp_path / "coco", num_train=4, num_val=2, size=(48, 48))
     argv = ["--experiment", "coco_semantic", "--data_root", str(Path(paths["train_masks"]).parent.parent),
-            "--set", "data.num_classes=5", "--checkpoint_dir", str(tmp_path / "runs")]
-    assert main(argv) == 2
+            "--checkpoint_dir", str(tmp_path / "runs")]
+    task = tasks.build(resolve_config(argv)[0])
+    mapping = json.loads(Path(paths["classes"]).read_text())  # {"0": "background", "1": ...}
+    assert task.class_names == tuple(mapping[str(i)] for i in range(len(mapping)))
+    assert task.cfg.data.num_classes == len(task.class_names) == 7
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))))
+    images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    logits = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, images)
+    assert logits.shape[-1] == 7
+    # An explicit class count that disagrees with the folder's list stays an error.
+    assert main([*argv, "--set", "data.num_classes=5"]) == 2
     assert "data.num_classes is 5 but the data has 7 classes" in capsys.readouterr().err
 
 

@@ -14,19 +14,16 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import ROI_TINY, ROOT
 
 from segjax import evaluate
 from segjax.data.demo import write_coco_person_demo
 from segjax.engine import steps as steps_lib
 from segjax.train import resolve_config, train_and_evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "--set", "data.image_size=64", "--set", "data.max_rois=2", "--set", "model.feature_channels=16",
-    "--set", "model.backbone_widths=8,8,16", "--set", "model.backbone_blocks=1,1,1",
-    "--set", "model.head_width=8", "--set", "model.head_fine_width=8", "--set", "train.log_every=2",
-    "--set", "train.num_visualizations=2", "--set", "train.max_bad_record_ratio=0.5",
-    "--batch_size", "4", "--num_workers", "0", "--lr", "3e-3",
+    *ROI_TINY, "--set", "train.log_every=2", "--set", "train.num_visualizations=2",
+    "--set", "train.max_bad_record_ratio=0.5", "--batch_size", "4", "--num_workers", "0", "--lr", "3e-3",
 ]
 
 
@@ -79,7 +76,7 @@ def test_run_directory_contents(straight):
     final = (run_dir / "final_metrics.txt").read_text()
     assert f"miou: {val[-1]['miou']:.6g}" in final
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
-    assert list((run_dir / "visualizations").glob("epoch002_*.png"))
+    assert list((run_dir / "visualizations").glob("prediction_epoch002_*.png"))
 
 
 def test_resume_is_exact(straight, data, tmp_path):
@@ -313,7 +310,9 @@ def test_data_stats_file_sets_the_class_weights(data, tmp_path, capsys):
     stats.write_text(json.dumps({"num_rois": 3, "pixel_counts": [1, 2, 3], "class_frequencies": [0.2, 0.3, 0.5],
                                  "class_weights": [0.5, 2.0, 4.0]}))
     cfg, _ = resolve_config(tiny_argv(data, tmp_path, "--data_stats", str(stats)))
-    np.testing.assert_array_equal(tasks.build(cfg).class_weights, [0.5, 2.0, 4.0])
+    task = tasks.build(cfg)
+    task.train_data()
+    np.testing.assert_array_equal(task.cfg.data.class_weights, [0.5, 2.0, 4.0])
     stats.write_text("{not json")
     assert main(tiny_argv(data, tmp_path, "--data_stats", str(stats))) == 2
     assert "stats.json" in capsys.readouterr().err

@@ -22,13 +22,15 @@ import time
 import flax
 import jax
 
+from segjax import cli
 from segjax import config as config_lib
 from segjax import tasks
 from segjax.data import pipeline
 from segjax.engine import mesh as mesh_lib
 from segjax.engine import steps as steps_lib
 from segjax.engine.runlog import setup_console_logging
-from segjax.train import build_state, resolve_config
+from segjax.engine.setup import build_state
+from segjax.train import resolve_config
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -119,7 +121,7 @@ def with_precision(cfg: config_lib.Config, precision: str) -> config_lib.Config:
 
 def benchmark(args: argparse.Namespace) -> dict:
     cfg = resolve(args)
-    demo_data = not tasks.task_module(cfg.task).has_data(cfg.data)
+    demo_data = not tasks.task_class(cfg.task).has_data(cfg.data)
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     mesh = mesh_lib.make_data_mesh()
     batch_size = cfg.train.batch_size
@@ -176,14 +178,11 @@ def benchmark(args: argparse.Namespace) -> dict:
     }
 
 
+@cli.guarded
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        result = benchmark(args)
-    except (config_lib.ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = benchmark(args)
     print(json.dumps(result, indent=2))
     return 0
 

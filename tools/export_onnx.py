@@ -5,10 +5,12 @@ python tools/export_onnx.py --experiment NAME (--checkpoint C | --init_from torc
     [--model NAME] [--tolerance T]
 
 C is a run directory, its checkpoint directory or one step (the best step is used, else the
-latest); the model is rebuilt from the config saved with it. --model NAME is for experiments that
-train several models one after the other (coco_semantic: unet, deeplabv3, fastscnn, each in its
-own run directory): C may then be a directory holding runs (e.g. runs/), and the newest run of
-that model under it is exported. Variants are the task's (roi_human: "default" is the ROI head on
+latest); the model is rebuilt from the config saved with it. C may also be a folder holding runs
+(e.g. runs/): its newest run of the experiment, of model NAME with --model (coco_semantic trains
+unet, deeplabv3 and fastscnn in their own run directories), is exported; a checkpoint of another
+model than --model is refused. With --init_from the model is the one the weights describe: the
+experiment's full size (never its demo variant), model.name from --model, and the class count of
+the state dict's classifier. Variants are the task's (roi_human: "default" is the ROI head on
 stride-8 features, "end_to_end" the head on the built-in backbone). The max difference and argmax
 agreement of every check are printed; the exit status is 1 when one exceeds its tolerance (the
 model is then left at <out>.unchecked.onnx), 2 for usage errors.
@@ -17,30 +19,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from flax import nnx
 
+from segjax import cli, tasks
 from segjax import config as config_lib
-from segjax import tasks
-from segjax.engine.checkpoint import latest_run
+from segjax.engine import setup
 from segjax.engine.runlog import setup_console_logging
-from segjax.evaluate import restore_model
 from segjax.export.onnx import OPSET, ExportCheckError, export, format_report
-from segjax.train import load_torch_weights, resolve_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment", required=True, help="built-in name or a .py file, as for segjax.train")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="run dir, checkpoint dir or step dir (see --model)")
+    source.add_argument("--checkpoint", help="run dir, checkpoint dir or step dir, or a folder of runs (see --model)")
     source.add_argument("--init_from", metavar="torch:PATH",
                         help="a PyTorch state dict (.pth/.safetensors) of the experiment's model instead")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="with --init_from: config overrides, e.g. model.name=deeplabv3")
     parser.add_argument("--out", required=True, help="the .onnx file to write")
-    parser.add_argument("--model", help="model.name of the run to export, among the runs under --checkpoint")
+    parser.add_argument("--model", help="model.name to export: of the state dict (--init_from), or of the run to "
+                                        "pick under --checkpoint")
     parser.add_argument("--variant", default="default", help="export variant of the task (default: default)")
     parser.add_argument("--batch", default="dynamic", help="'dynamic' (default) or a fixed batch size")
     parser.add_argument("--height", type=int, help="image height (default: the config's input size)")
@@ -49,11 +46,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
     parser.add_argument("--tolerance", type=float,
                         help="max |onnx - jax| allowed, relative to max(1, max |jax|) (default: 1e-4, fp16 3e-2)")
-    args = parser.parse_args(argv)
+    args = cli.parse(parser, argv, flags=False)
     if args.batch != "dynamic":
         if not args.batch.isdigit() or int(args.batch) < 1:
             parser.error(f"--batch must be 'dynamic' or a positive int, got {args.batch!r}")
         args.batch = int(args.batch)
+    if args.checkpoint and args.set:
+        parser.error("--set applies to --init_from; a checkpoint is exported with the config saved in it")
     return args
 
 
@@ -64,23 +63,21 @@ def load_weights(args: argparse.Namespace):
     if args.init_from:
         if not args.init_from.startswith("torch:"):
             raise config_lib.ConfigError(f"--init_from expects torch:PATH, got {args.init_from!r}")
-        argv = ["--experiment", args.experiment, "--set", "train.precision=fp32"]
-        for item in args.set:
-            argv += ["--set", item]
-        task = tasks.build(resolve_config(argv)[0])
-        model = nnx.jit(lambda: task.build_model(nnx.Rngs(0)))()
-        load_torch_weights(task, model, args.init_from.removeprefix("torch:"))
-        return task, model
-    checkpoint = Path(args.checkpoint)
-    if args.model:
-        checkpoint = latest_run(checkpoint, experiment, args.model)
-    restored = restore_model(checkpoint, overrides=["train.precision=fp32"])
+        # The model the weights describe: the experiment's own sizes, never its demo variant.
+        args.set = ["train.precision=fp32", *args.set, *([f"model.name={args.model}"] if args.model else [])]
+        if args.model and not config_lib.has_path(config_lib.load_experiment(args.experiment), "model.name"):
+            raise config_lib.ConfigError(f"--model: experiment {experiment!r} has a single model (no model.name)")
+        return setup.torch_model(tasks.build(cli.experiment_config(args, demo=False)),
+                                 args.init_from.removeprefix("torch:"))
+    checkpoint = setup.locate(args.checkpoint, experiment, args.model)
+    restored = setup.restore_model(checkpoint, overrides=["train.precision=fp32"])
     if restored.task.cfg.experiment != experiment:
         raise config_lib.ConfigError(f"{checkpoint} holds a {restored.task.cfg.experiment!r} model, "
                                      f"not {experiment!r}")
     return restored.task, nnx.merge(restored.graphdef, restored.state)
 
 
+@cli.guarded
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
     args = parse_args(argv)
@@ -92,9 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(e.report))
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # a variant or size the task does not have
+        raise config_lib.ConfigError(str(e)) from e
     print(format_report(report))
     return 0
 

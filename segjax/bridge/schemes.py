@@ -16,7 +16,7 @@ _PLACEHOLDER = re.compile(r"\{(\w+)(?::([^}]+))?\}")
 _INDEX = r"\d+"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pattern(template: str) -> re.Pattern:
     parts, end = [], 0
     for match in _PLACEHOLDER.finditer(template):
@@ -56,6 +56,12 @@ class Scheme:
 
     rules: tuple[Rule, ...]
     ignored: tuple[str, ...] = ()
+    classifier: str = ""  # the PyTorch key whose first axis is the class count, for whole models
+
+    def num_classes(self, state_dict) -> int | None:
+        """The class count a state dict's classifier was trained for (None: no classifier)."""
+        weight = state_dict.get(self.classifier) if self.classifier else None
+        return None if weight is None else int(weight.shape[0])
 
     def target_of(self, key: str) -> tuple[str, Rule] | None:
         return next(((path, rule) for rule in self.rules
@@ -138,8 +144,9 @@ SCHEMES = {
     # deeplabv3_resnet50; the COCO checkpoints' auxiliary FCN head is not built here.
     "torchvision_deeplabv3": Scheme(
         prefixed(RESNET, "backbone.") + DEEPLAB_HEAD,
-        ignored=(NUM_BATCHES_TRACKED, r"aux_classifier\..*")),
-    "smp_unet": Scheme(prefixed(RESNET, "encoder.") + UNET_DECODER, ignored=(NUM_BATCHES_TRACKED,)),
+        ignored=(NUM_BATCHES_TRACKED, r"aux_classifier\..*"), classifier="classifier.4.weight"),
+    "smp_unet": Scheme(prefixed(RESNET, "encoder.") + UNET_DECODER, ignored=(NUM_BATCHES_TRACKED,),
+                       classifier="segmentation_head.0.weight"),
     # DarkNet (standalone, or HybridQueryModel's `model.backbone`); timm's classifier is not built.
     "timm_darknet53": Scheme(DARKNET, ignored=(NUM_BATCHES_TRACKED, r"head\.fc\..*")),
 }

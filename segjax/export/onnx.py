@@ -3,9 +3,8 @@
 The exporter never branches on an experiment; the task supplies the interface:
 - `task.export_signature(variant)` -> ([(input name, shape)], [output names]); str dims are
   dynamic, ints fixed;
-- `task.export_forward(model, *inputs)` -> tuple of outputs: NCHW float32 inputs (images RGB in
-  [0, 1]; the models normalise) to NCHW outputs, as the PyTorch originals. A task with variants
-  besides "default" also takes `variant=`.
+- `task.export_forward(model, *inputs, variant=)` -> tuple of outputs: NCHW float32 inputs (images
+  RGB in [0, 1]; the models normalise) to NCHW outputs, as the PyTorch originals.
 Two input names of the PyTorch originals mean something here: `images` (`height`/`width` set its
 size; validation images feed it in the fp16 check) and `rois` (checked with valid boxes, see
 `runtime.random_inputs`).
@@ -86,7 +85,7 @@ def export(
     signature, output_names = task.export_signature(variant)
     specs = _resolve_specs(signature, batch, height, width)
     model = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
-    forward = functools.partial(task.export_forward, **({} if variant == "default" else {"variant": variant}))
+    forward = functools.partial(task.export_forward, variant=variant)
 
     proto = _convert(functools.partial(forward, model), specs, output_names, opset)
     if fp16:

@@ -32,15 +32,15 @@ from segjax.models.fpn import FPN
 from segjax.models.layers import NORM_EPSILON
 from segjax.ops.resize import resize_bilinear
 
-HYBRID_FULL = dict(
-    backbone_depths=(1, 2, 8, 8, 4), backbone_widths=(64, 128, 256, 512, 1024),
-    backbone_stem_width=32, fpn_channels=256, num_queries=100, d_model=384, num_layers=6,
-    num_heads=6, dim_feedforward=2048, dropout_rate=0.1)
-# Narrow and shallow, for tests, from the same class.
-HYBRID_TINY = dict(
-    backbone_depths=(1, 1, 1, 1, 1), backbone_widths=(8, 16, 32, 64, 128),
-    backbone_stem_width=8, fpn_channels=32, num_queries=8, d_model=32, num_layers=2,
-    num_heads=2, dim_feedforward=64, dropout_rate=0.0)
+# HybridQueryModel's variants: "full" the published layout, "tiny" narrow and shallow (tests, demos).
+SIZES = {
+    "full": dict(backbone_depths=(1, 2, 8, 8, 4), backbone_widths=(64, 128, 256, 512, 1024),
+                 backbone_stem_width=32, fpn_channels=256, num_queries=100, d_model=384, num_layers=6,
+                 num_heads=6, dim_feedforward=2048, dropout_rate=0.1),
+    "tiny": dict(backbone_depths=(1, 1, 1, 1, 1), backbone_widths=(8, 16, 32, 64, 128),
+                 backbone_stem_width=8, fpn_channels=32, num_queries=8, d_model=32, num_layers=2,
+                 num_heads=2, dim_feedforward=64, dropout_rate=0.0),
+}
 
 
 def sine_positions(height: int, width: int, d_model: int,
@@ -176,24 +176,25 @@ class HybridQueryModel(nnx.Module):
     Takes RGB images [B, H, W, 3] in [0, 1] (any H, W; normalised inside the backbone) and
     returns {"pred_logits": [B, Q, num_classes + 1], "pred_masks": [B, Q, H, W]} logits in the
     compute dtype. Use class index 0 for "person" with num_classes=1 (no object is index 1).
-    `backbone_negative_slope=0.01` reproduces timm's `darknet53` activations.
+    `backbone_negative_slope=0.01` reproduces timm's `darknet53` activations. The sizes are
+    `SIZES`' variants: `HybridQueryModel(1, **SIZES["full"], rngs=rngs)`.
     """
 
     def __init__(
         self,
         num_classes: int,
         *,
-        backbone_depths: Sequence[int] = (1, 2, 8, 8, 4),
-        backbone_widths: Sequence[int] = (64, 128, 256, 512, 1024),
-        backbone_stem_width: int = 32,
+        backbone_depths: Sequence[int],
+        backbone_widths: Sequence[int],
+        backbone_stem_width: int,
         backbone_negative_slope: float = 0.1,
-        fpn_channels: int = 256,
-        num_queries: int = 100,
-        d_model: int = 384,
-        num_layers: int = 6,
-        num_heads: int = 6,
-        dim_feedforward: int = 2048,
-        dropout_rate: float = 0.1,
+        fpn_channels: int,
+        num_queries: int,
+        d_model: int,
+        num_layers: int,
+        num_heads: int,
+        dim_feedforward: int,
+        dropout_rate: float,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,

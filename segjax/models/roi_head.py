@@ -11,10 +11,14 @@ from flax import nnx
 from segjax.models.layers import ConvNormAct, ResidualBlock, UpConv2x, imagenet_normalize
 from segjax.ops.roi_align import roi_align
 
-# Variants built from the same classes. The tiny head reads the tiny backbone's features.
-HEAD_FULL = dict(in_channels=1024, width=256, fine_width=128, num_classes=3)
-HEAD_TINY = dict(in_channels=32, width=32, fine_width=16, num_classes=3)
-BACKBONE_TINY = dict(widths=(8, 16, 32), blocks=(1, 1, 1), out_channels=32)
+# `roi_human_model` variants: "full" the published head on C=1024 stride-8 features (a YOLOv9-E
+# extractor's, or the backbone's), "tiny" narrow and shallow (tests, demos).
+SIZES = {
+    "full": dict(feature_channels=1024, backbone_widths=(64, 128, 256), backbone_blocks=(1, 2, 2), head_width=256,
+                 head_fine_width=128),
+    "tiny": dict(feature_channels=64, backbone_widths=(16, 32, 64), backbone_blocks=(1, 1, 1), head_width=32,
+                 head_fine_width=16),
+}
 
 
 class RoiMaskHead(nnx.Module):
@@ -129,3 +133,18 @@ class RoiHumanModel(nnx.Module):
         """inputs: images [N, H, W, 3] in [0, 1] with a backbone, else features [N, Hf, Wf, C]."""
         features = inputs if self.backbone is None else self.backbone(inputs)
         return self.head(features, rois)
+
+
+def roi_human_model(*, feature_channels: int, backbone_widths: tuple[int, int, int],
+                    backbone_blocks: tuple[int, int, int], head_width: int, head_fine_width: int,
+                    num_classes: int = 3, sampling_ratio: int = -1, backbone: bool = True,
+                    dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
+                    rngs: nnx.Rngs) -> RoiHumanModel:
+    """The head on `feature_channels` stride-8 features, on the built-in backbone unless
+    `backbone` is False (features from an extractor); sizes from `SIZES`."""
+    precision = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    head = RoiMaskHead(feature_channels, width=head_width, fine_width=head_fine_width, num_classes=num_classes,
+                       sampling_ratio=sampling_ratio, **precision)
+    stride_eight = StrideEightBackbone(widths=backbone_widths, blocks=backbone_blocks, out_channels=feature_channels,
+                                       **precision) if backbone else None
+    return RoiHumanModel(head, stride_eight)

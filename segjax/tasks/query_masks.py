@@ -16,38 +16,39 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image
 
 from segjax import losses, metrics
-from segjax.config import ConfigError
+from segjax.config import ConfigError, flag
 from segjax.data import demo
 from segjax.data.demo_portrait import prepare_portrait_demo
 from segjax.data.errors import DataError
-from segjax.data.memmap import STORAGE, MemmapSource, storage_names
+from segjax.data.memmap import STORAGE, MemmapSource, read_sidecar, storage_names
 from segjax.data.transforms import augment_portrait, eval_portrait
-from segjax.models.hybrid import HYBRID_FULL, HYBRID_TINY, HybridQueryModel
+from segjax.models.hybrid import SIZES, HybridQueryModel
+from segjax.tasks.base import TaskBase, Transform, record_sums, sized
 
 log = logging.getLogger("segjax")
 
 CLASS_NAMES = ("background", "person")  # of the metrics; the model's classes are ("person",)
 PERSON = 0  # the model's class index of "person"; num_classes=1, so "no object" is 1
-MODEL_VARIANTS = {"full": HYBRID_FULL, "tiny": HYBRID_TINY}
 _MEMMAP_KEYS = ("train_images", "train_masks", "val_images", "val_masks")
+FULL_SIZE = 640  # the published input side (P3M-10k prepared at 640×640)
 
 
 @dataclass(frozen=True)
 class QueryMaskDataConfig:
     # Folder of memmaps from tools/prepare_p3m.py: {split}_{image_size}_{u8|fp16}_{images,masks}.mmap.
     # Empty with no explicit files below = the portrait demo, prepared by the same code.
-    data_dir: str = ""
+    data_dir: str = flag("")
     # Explicit memmap files (e.g. the original PyTorch pipeline's); each takes precedence over data_dir.
     train_images: str = ""
     train_masks: str = ""
@@ -57,7 +58,9 @@ class QueryMaskDataConfig:
     # tag in data_dir (u8: uint8 NHWC, fp16: float16 NCHW, the original pipeline's format).
     memmap_dtype: Literal["", "uint8", "float16", "float32"] = ""
     memmap_layout: Literal["", "NHWC", "NCHW"] = ""
-    image_size: int = 640  # model input side; the memmaps' records must have this size
+    # Model input side; the memmaps' records must have this size. 0 = the prepared size (that of
+    # the sidecars, or the one size in data_dir); FULL_SIZE for the demo data.
+    image_size: int = 0
     flip: bool = True  # training augmentation (segjax.data.transforms.augment_portrait)
     scale_min: float = 0.75  # zoom about the centre, drawn from [scale_min, scale_max]
     scale_max: float = 1.25
@@ -68,7 +71,7 @@ class QueryMaskDataConfig:
 
 @dataclass(frozen=True)
 class QueryMaskModelConfig:
-    """HybridQueryModel arguments; None takes the value of the `size` variant (HYBRID_FULL/TINY)."""
+    """HybridQueryModel arguments; None takes the value of the `size` variant (models.hybrid.SIZES)."""
 
     size: Literal["full", "tiny"] = "full"
     backbone_depths: tuple[int, ...] | None = None
@@ -89,7 +92,7 @@ class QueryMaskLossConfig:
     # segjax.losses.set_prediction_loss weights (the same weights enter the matching cost).
     class_weight: float = 2.0
     mask_weight: float = 5.0
-    dice_weight: float = 5.0
+    dice_weight: float = flag(5.0)
     no_object_weight: float = 0.1  # class weight of "no object" in the classification loss
     cost_size: int = 0  # matching cost on masks resized to this square (saves memory); 0 = full size
     match_method: Literal["optax", "scipy"] = "optax"
@@ -97,26 +100,15 @@ class QueryMaskLossConfig:
     best_metric: Literal["miou", "loss"] = "miou"  # the checkpoint kept as best: max mIoU or min loss
 
 
-def has_data(data: QueryMaskDataConfig) -> bool:
-    return bool(data.data_dir or any(getattr(data, k) for k in _MEMMAP_KEYS))
-
-
-def model_kwargs(model: QueryMaskModelConfig) -> dict:
-    """HybridQueryModel keyword arguments: the size variant with the config's explicit values."""
-    explicit = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-                if f.name != "size" and getattr(model, f.name) is not None}
-    return {**MODEL_VARIANTS[model.size], **explicit}
-
-
-def validate(cfg) -> None:
+def check(cfg) -> None:
     data, loss = cfg.data, cfg.loss
-    if data.image_size < 16:
+    if 0 < data.image_size < 16:
         raise ConfigError(f"data.image_size must be >= 16 (one decoder token at stride 16), got {data.image_size}")
     if not 0 < data.scale_min <= data.scale_max:
         raise ConfigError(f"need 0 < data.scale_min <= data.scale_max, got {data.scale_min}, {data.scale_max}")
     if not 0 <= data.color_jitter < 1:
         raise ConfigError(f"data.color_jitter must be within [0, 1), got {data.color_jitter}")
-    kwargs = model_kwargs(cfg.model)
+    kwargs = sized(cfg.model, SIZES)
     if len(kwargs["backbone_depths"]) != 5 or len(kwargs["backbone_widths"]) != 5:
         raise ConfigError(f"model.backbone_depths and model.backbone_widths need 5 stages, got "
                           f"{kwargs['backbone_depths']} and {kwargs['backbone_widths']}")
@@ -148,16 +140,31 @@ def _prepared_memmaps(data_dir: Path, split: str, size: int) -> tuple[str, str, 
                     f"or their fp16 versions); found {found}. Set data.image_size to the prepared size")
 
 
+def _prepared_size(data: QueryMaskDataConfig) -> int:
+    """The records' size: the training images' sidecar, else the one size prepared in data_dir."""
+    if data.train_images and Path(f"{data.train_images}.json").is_file():
+        return int(read_sidecar(f"{data.train_images}.json")["size"])
+    sizes = sorted({int(p.name.split("_")[1]) for p in Path(data.data_dir or ".").glob("train_*_images.mmap")
+                    if p.name.split("_")[1].isdigit()}) if data.data_dir else []
+    if len(sizes) != 1:
+        raise DataError(f"{data.data_dir or data.train_images}: cannot tell the records' size "
+                        f"({'prepared sizes ' + str(sizes) if sizes else 'no sidecar'}); set data.image_size")
+    return sizes[0]
+
+
 def _resolve_data(data: QueryMaskDataConfig) -> QueryMaskDataConfig:
     """Explicit memmap paths: the demo's when no data is given, else found in data_dir."""
-    if not has_data(data):
+    if not Task.has_data(data):
+        size = data.image_size or FULL_SIZE
         root = (Path(data.demo_root) if data.demo_root else demo.default_demo_root()) / "portrait"
-        paths = prepare_portrait_demo(root, root / f"memmaps_{data.image_size}", size=data.image_size)
+        paths = prepare_portrait_demo(root, root / f"memmaps_{size}", size=size)
         log.info("no data given: using the demo portrait dataset at %s, prepared into memmaps", root)
-        return dataclasses.replace(data, **paths)
+        return dataclasses.replace(data, image_size=size, **paths)
     missing = [k for k in _MEMMAP_KEYS if not getattr(data, k)]
     if missing and not data.data_dir:
         raise DataError(f"give --data_dir, or all of data.{', data.'.join(_MEMMAP_KEYS)}; missing {missing}")
+    if not data.image_size:
+        data = dataclasses.replace(data, image_size=_prepared_size(data))
     updates = {}
     for split in sorted({k.split("_")[0] for k in missing}):
         images, masks, dtype = _prepared_memmaps(Path(data.data_dir), split, data.image_size)
@@ -165,11 +172,6 @@ def _resolve_data(data: QueryMaskDataConfig) -> QueryMaskDataConfig:
         if not data.memmap_dtype:  # sidecar-less files of the original pipeline are known by their tag
             updates.update(memmap_dtype=dtype, memmap_layout=STORAGE[dtype][1])
     return dataclasses.replace(data, **updates)
-
-
-def _fixed(record: dict, rng: np.random.Generator) -> dict:
-    del rng  # sanity mode: the same deterministic view every step
-    return eval_portrait(record)
 
 
 def combine_queries(pred_logits: jnp.ndarray, pred_masks: jnp.ndarray, class_index: int,
@@ -188,17 +190,20 @@ def overlay(image: np.ndarray, mask: np.ndarray, colour=(255, 0, 0), alpha: floa
     return out.astype(np.uint8)
 
 
-class Task:
+class Task(TaskBase):
     class_names = CLASS_NAMES
+    data_keys = ("data_dir", *_MEMMAP_KEYS)
+    loss_terms = ("loss", "loss_class", "loss_mask", "loss_dice")
+    check = staticmethod(check)
 
     def __init__(self, cfg):
-        # Only paths are resolved here: the data are opened by train_data/val_data, so a model can
-        # be restored for prediction where the training data are absent.
-        self.cfg = cfg = dataclasses.replace(cfg, data=_resolve_data(cfg.data))
+        super().__init__(cfg)
         self.best_metric = cfg.loss.best_metric
         self.best_mode = "min" if self.best_metric == "loss" else "max"
-        self.compute_dtype = jnp.bfloat16 if cfg.train.precision == "bf16" else jnp.float32
         self._sources: dict[str, MemmapSource] = {}
+
+    def resolve_data(self, data: QueryMaskDataConfig) -> QueryMaskDataConfig:
+        return _resolve_data(data)
 
     def torch_weights(self) -> tuple[str, str]:
         """timm's darknet53 state dict into the backbone (`--init_from torch:PATH`)."""
@@ -208,7 +213,7 @@ class Task:
         return "timm_darknet53", "backbone"
 
     def build_model(self, rngs: nnx.Rngs) -> HybridQueryModel:
-        return HybridQueryModel(1, **model_kwargs(self.cfg.model), dtype=self.compute_dtype,
+        return HybridQueryModel(1, **sized(self.cfg.model, SIZES), dtype=self.compute_dtype,
                                 param_dtype=jnp.float32, rngs=rngs)
 
     # --- data ---
@@ -227,9 +232,10 @@ class Task:
         source = self._source("train")
         if data.overfit_one:
             # One record, repeated to fill a batch: training should drive its loss towards zero.
-            return [source[0]] * self.cfg.train.batch_size, _fixed
-        return source, functools.partial(augment_portrait, flip=data.flip, scale=(data.scale_min, data.scale_max),
-                                         color_jitter=data.color_jitter)
+            return [source[0]] * self.cfg.train.batch_size, Transform(eval_portrait, fixed=True)
+        return source, Transform(functools.partial(augment_portrait, flip=data.flip,
+                                                   scale=(data.scale_min, data.scale_max),
+                                                   color_jitter=data.color_jitter))
 
     def val_data(self):
         source = self._source("train" if self.cfg.data.overfit_one else "val")
@@ -267,42 +273,31 @@ class Task:
             "loss": total(per_image),
             **{name: total(parts[name]) for name in ("loss_class", "loss_mask", "loss_dice")},
             "confusion": metrics.confusion_matrix(batch["mask"], pred, len(CLASS_NAMES), image_ok[:, None, None]),
-            "records": batch["valid"].sum(),
-            "bad_records": (batch["valid"] & ~batch["image_ok"]).sum(),
+            **record_sums(batch),
         }
         return loss, (sums, {"pred": pred.astype(jnp.uint8)})
 
     def summarize(self, sums: dict) -> dict:
-        count = max(float(sums["count"]), 1.0)
-        out = {name: float(sums[name]) / count for name in ("loss", "loss_class", "loss_mask", "loss_dice")}
-        out.update(metrics.summarize_confusion(sums["confusion"], list(CLASS_NAMES)))
+        out = super().summarize(sums)
         out["dice"] = out["mdice"]
         out["dice_person"] = 2 * out["iou_person"] / (1 + out["iou_person"])  # binary Dice from IoU
-        out["images"] = int(sums["count"])
         return out
 
     # --- visualisation (host) ---
-    def visualize(self, batch: dict, outputs: dict, out_dir: Path, tag: str, limit: int) -> list[Path]:
-        """`prediction_<tag>_<n>.png`: image | ground truth | prediction, person in red."""
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written = []
-        for n, i in enumerate(np.flatnonzero(batch["valid"] & batch["image_ok"])[:limit]):
-            image = batch["image"][i]
-            panels = [image, overlay(image, batch["mask"][i]), overlay(image, outputs["pred"][i])]
-            path = out_dir / f"prediction_{tag}_{n}.png"
-            Image.fromarray(np.concatenate(panels, axis=1)).save(path)
-            written.append(path)
-        return written
+    def panels(self, batch: dict, outputs: dict, index: int) -> list[np.ndarray]:
+        """Image | ground truth | prediction, person in red."""
+        image = batch["image"][index]
+        return [image, overlay(image, batch["mask"][index]), overlay(image, outputs["pred"][index])]
 
     # --- inference and export (segjax.predict, ONNX export) ---
     def export_signature(self, variant: str = "default") -> tuple[list[tuple[str, tuple]], list[str]]:
         """ONNX inputs as (name, shape), string dims dynamic, and output names (PyTorch's)."""
-        if variant != "default":
-            raise ValueError(f"unknown export variant {variant!r}; choose one of ['default']")
+        self.check_variant(variant)
         size = self.cfg.data.image_size
         return [("images", ("B", 3, size, size))], ["pred_logits", "pred_masks"]
 
-    def export_forward(self, model: HybridQueryModel, images_nchw: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def export_forward(self, model: HybridQueryModel, images_nchw: jnp.ndarray, *,
+                       variant: str = "default") -> tuple[jnp.ndarray, jnp.ndarray]:
         """NCHW float32 images in [0, 1] -> (pred_logits [B, Q, 2], pred_masks [B, Q, H, W]) float32."""
         out = model(jnp.transpose(images_nchw, (0, 2, 3, 1)).astype(self.compute_dtype))
         return out["pred_logits"].astype(jnp.float32), out["pred_masks"].astype(jnp.float32)

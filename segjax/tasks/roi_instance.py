@@ -11,18 +11,20 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image
 
 from segjax import losses, metrics
-from segjax.config import ConfigError
+from segjax.config import ConfigError, flag
 from segjax.data import coco, demo, prepare, transforms
+from segjax.data.errors import DataError
 from segjax.data.feature_cache import OnnxFeatureExtractor
-from segjax.models.roi_head import RoiHumanModel, RoiMaskHead, StrideEightBackbone
+from segjax.models.roi_head import SIZES, RoiHumanModel, roi_human_model
+from segjax.tasks.base import TaskBase, Transform, sized
 
 log = logging.getLogger("segjax")
 
@@ -32,16 +34,19 @@ OVERLAY_COLOURS = {1: (255, 0, 0), 2: (0, 0, 255)}  # this person red, other peo
 
 @dataclass(frozen=True)
 class RoiDataConfig:
-    train_ann: str = ""  # COCO instances JSON; empty everywhere = the demo dataset
-    val_ann: str = ""
-    train_img_dir: str = ""
-    val_img_dir: str = ""
+    train_ann: str = flag("")  # COCO instances JSON; empty everywhere = the demo dataset
+    val_ann: str = flag("")
+    train_img_dir: str = flag("")
+    val_img_dir: str = flag("")
     image_size: int = 640  # letterboxed square input (the extractor's 640×640)
     max_rois: int = 8  # ROI bucket per image: fixed shapes, no recompiles; larger images are chunked
     mask_size: int = 56  # the head's output size
     jitter: float = 0.1  # training box jitter, fraction of the box size
     flip: bool = True  # random horizontal flip in training (built-in backbone only)
-    data_stats: str = ""  # JSON with class weights (tools/prepare_coco_person.py --stats); else computed
+    data_stats: str = flag("")  # JSON with class weights (tools/prepare_coco_person.py --stats); else computed
+    # Cross-entropy weights of CLASS_NAMES; empty = from data_stats, else computed from the training
+    # ROIs when training starts (and saved with the run, so evaluation needs no training data).
+    class_weights: tuple[float, ...] = ()
     extractor_onnx: str = ""  # frozen ONNX feature extractor N×3×S×S -> N×C×S/8×S/8; empty = built-in
     feature_cache_dir: str = ""  # where extractor features are cached; default beside the run
     demo_root: str = ""  # where the demo dataset is written; default ~/.cache/segjax/demo
@@ -49,52 +54,21 @@ class RoiDataConfig:
 
 @dataclass(frozen=True)
 class RoiModelConfig:
-    feature_channels: int = 1024  # C of the stride-8 features (backbone output or extractor)
-    backbone_widths: tuple[int, ...] = (64, 128, 256)
-    backbone_blocks: tuple[int, ...] = (1, 2, 2)
-    head_width: int = 256
-    head_fine_width: int = 128
+    """roi_human_model arguments; None takes the value of the `size` variant (models.roi_head.SIZES)."""
+
+    size: Literal["full", "tiny"] = "full"
+    feature_channels: int | None = None  # C of the stride-8 features (backbone output or extractor)
+    backbone_widths: tuple[int, ...] | None = None
+    backbone_blocks: tuple[int, ...] | None = None
+    head_width: int | None = None
+    head_fine_width: int | None = None
     sampling_ratio: int = -1  # RoIAlign points per bin; <= 0 adaptive
 
 
 @dataclass(frozen=True)
 class RoiLossConfig:
-    ce_weight: float = 1.0
-    dice_weight: float = 1.0
-
-
-def has_data(data: RoiDataConfig) -> bool:
-    return bool(data.train_ann or data.val_ann or data.train_img_dir or data.val_img_dir)
-
-
-def validate(cfg) -> None:
-    data, model = cfg.data, cfg.model
-    if data.image_size < 8 or data.image_size % 8:
-        raise ConfigError(f"data.image_size must be a positive multiple of 8 (stride-8 features), got {data.image_size}")
-    if data.mask_size != 56:
-        raise ConfigError(f"data.mask_size must be 56, the ROI head's output size; got {data.mask_size}")
-    if data.max_rois < 1:
-        raise ConfigError(f"data.max_rois must be >= 1, got {data.max_rois}")
-    if not 0 <= data.jitter < 0.5:
-        raise ConfigError(f"data.jitter must be within [0, 0.5), got {data.jitter}")
-    if len(model.backbone_widths) != 3 or len(model.backbone_blocks) != 3:
-        raise ConfigError(f"model.backbone_widths and model.backbone_blocks need 3 stages each (stride 8), got "
-                          f"{model.backbone_widths} and {model.backbone_blocks}")
-    for key in ("feature_channels", "head_width", "head_fine_width"):
-        if getattr(model, key) < 1:
-            raise ConfigError(f"model.{key} must be >= 1, got {getattr(model, key)}")
-
-
-def _resolve_data(data: RoiDataConfig) -> RoiDataConfig:
-    if not has_data(data):
-        root = Path(data.demo_root) if data.demo_root else demo.default_demo_root() / "coco_person"
-        paths = demo.write_coco_person_demo(root)
-        log.info("no data paths given: using the demo COCO person dataset at %s", root)
-        return dataclasses.replace(data, **{k: str(v) for k, v in paths.items()})
-    missing = [k for k in ("train_ann", "val_ann", "train_img_dir", "val_img_dir") if not getattr(data, k)]
-    if missing:
-        raise ValueError(f"real data needs all of --train_ann --val_ann --train_img_dir --val_img_dir; missing {missing}")
-    return data
+    ce_weight: float = flag(1.0)
+    dice_weight: float = flag(1.0)
 
 
 class _WithFeatures:
@@ -115,142 +89,151 @@ class _WithFeatures:
         return record
 
 
-def _train_transform(entry, rng, *, example_fn, features):
-    record = example_fn(entry, rng=rng)
-    return record if features is None else features(record)
-
-
-def _val_transform(entry, *, example_fn, features):
-    record = example_fn(entry, rng=None)
-    return record if features is None else features(record)
-
-
-class Task:
+class Task(TaskBase):
     class_names = CLASS_NAMES
-    best_metric = "miou"
-    best_mode = "max"
+    data_keys = ("train_ann", "val_ann", "train_img_dir", "val_img_dir")
+    loss_terms = ("loss", "ce", "dice")
+    count_name = "rois"
+    export_variants = ("default", "end_to_end")
 
     def __init__(self, cfg):
-        self.cfg = cfg = dataclasses.replace(cfg, data=_resolve_data(cfg.data))
-        data = cfg.data
-        self.compute_dtype = jnp.bfloat16 if cfg.train.precision == "bf16" else jnp.float32
-        self.train_images, skipped = coco.load_person_index(data.train_ann, data.train_img_dir)
-        skipped.log(log, f"train annotations {data.train_ann}")
-        self.val_images, skipped = coco.load_person_index(data.val_ann, data.val_img_dir)
-        skipped.log(log, f"val annotations {data.val_ann}")
-        if not self.train_images or not self.val_images:
-            raise ValueError(f"no usable person images (train {len(self.train_images)}, val {len(self.val_images)})")
-        self.class_weights = self._class_weights()
-        self.extractor = None
-        if data.extractor_onnx:
-            cache = data.feature_cache_dir or str(Path(data.extractor_onnx).with_suffix("")) + f"_features_{data.image_size}"
-            self.extractor = OnnxFeatureExtractor(data.extractor_onnx, cache)
-            if self.extractor.out_channels not in (None, cfg.model.feature_channels):
-                raise ValueError(f"extractor gives {self.extractor.out_channels} channels but "
-                                 f"model.feature_channels is {cfg.model.feature_channels}")
-            if self.extractor.in_size not in (None, (data.image_size, data.image_size)):
-                raise ValueError(f"extractor expects {self.extractor.in_size} input; set data.image_size to match")
+        super().__init__(cfg)
+        self._indexes: dict[str, list] = {}
+        self._extractor = None
 
-    def _class_weights(self) -> np.ndarray:
+    @staticmethod
+    def check(cfg) -> None:
+        data, model = cfg.data, sized(cfg.model, SIZES)
+        if data.image_size < 8 or data.image_size % 8:
+            raise ConfigError(f"data.image_size must be a positive multiple of 8 (stride-8 features), "
+                              f"got {data.image_size}")
+        if data.mask_size != 56:
+            raise ConfigError(f"data.mask_size must be 56, the ROI head's output size; got {data.mask_size}")
+        if data.max_rois < 1:
+            raise ConfigError(f"data.max_rois must be >= 1, got {data.max_rois}")
+        if not 0 <= data.jitter < 0.5:
+            raise ConfigError(f"data.jitter must be within [0, 0.5), got {data.jitter}")
+        if len(model["backbone_widths"]) != 3 or len(model["backbone_blocks"]) != 3:
+            raise ConfigError(f"model.backbone_widths and model.backbone_blocks need 3 stages each (stride 8), got "
+                              f"{model['backbone_widths']} and {model['backbone_blocks']}")
+        for key in ("feature_channels", "head_width", "head_fine_width"):
+            if model[key] < 1:
+                raise ConfigError(f"model.{key} must be >= 1, got {model[key]}")
+        if data.class_weights and len(data.class_weights) != len(CLASS_NAMES):
+            raise ConfigError(f"data.class_weights needs {len(CLASS_NAMES)} values, got {data.class_weights}")
+        missing = [k for k in Task.data_keys if not getattr(data, k)]
+        if Task.has_data(data) and missing:
+            raise ConfigError(f"real data needs all of --train_ann --val_ann --train_img_dir --val_img_dir; "
+                              f"missing --{' --'.join(missing)}")
+
+    def resolve_data(self, data: RoiDataConfig) -> RoiDataConfig:
+        if self.has_data(data):
+            return data
+        root = Path(data.demo_root) if data.demo_root else demo.default_demo_root() / "coco_person"
+        paths = demo.write_coco_person_demo(root)
+        log.info("no data paths given: using the demo COCO person dataset at %s", root)
+        return dataclasses.replace(data, **{k: str(v) for k, v in paths.items()})
+
+    # --- model ---
+    @property
+    def feature_channels(self) -> int:
+        return sized(self.cfg.model, SIZES)["feature_channels"]
+
+    def build_model(self, rngs: nnx.Rngs) -> RoiHumanModel:
+        return roi_human_model(**sized(self.cfg.model, SIZES), num_classes=len(CLASS_NAMES),
+                               backbone=not self.cfg.data.extractor_onnx, dtype=self.compute_dtype,
+                               param_dtype=jnp.float32, rngs=rngs)
+
+    # --- data (opened on first use) ---
+    def _index(self, split: str) -> list:
+        if split not in self._indexes:
+            data = self.cfg.data
+            ann, img_dir = getattr(data, f"{split}_ann"), getattr(data, f"{split}_img_dir")
+            images, skipped = coco.load_person_index(ann, img_dir)
+            skipped.log(log, f"{split} annotations {ann}")
+            if not images:
+                raise DataError(f"{ann}: no usable person images")
+            self._indexes[split] = images
+        return self._indexes[split]
+
+    def _complete_class_weights(self) -> None:
+        """Fills data.class_weights (saved with the run) from data.data_stats, else from the training ROIs."""
         data = self.cfg.data
         if data.data_stats:
             stats = prepare.read_stats(data.data_stats)
             log.info("class weights from %s: %s", data.data_stats, stats["class_weights"])
         else:
-            stats = prepare.compute_roi_class_stats(self.train_images, mask_size=data.mask_size)
+            stats = prepare.compute_roi_class_stats(self._index("train"), mask_size=data.mask_size)
             log.info("class weights computed from %d training ROIs: %s", stats["num_rois"], stats["class_weights"])
-        return np.asarray(stats["class_weights"], np.float32)
+        weights = tuple(float(w) for w in stats["class_weights"])
+        self.cfg = dataclasses.replace(self.cfg, data=dataclasses.replace(data, class_weights=weights))
 
-    # --- model ---
-    def torch_weights(self) -> None:
-        """No PyTorch original: the head and built-in backbone are trained here."""
-        return None
-
-    def build_model(self, rngs: nnx.Rngs) -> RoiHumanModel:
-        m = self.cfg.model
-        precision = dict(dtype=self.compute_dtype, param_dtype=jnp.float32, rngs=rngs)
-        head = RoiMaskHead(m.feature_channels, width=m.head_width, fine_width=m.head_fine_width,
-                           num_classes=len(CLASS_NAMES), sampling_ratio=m.sampling_ratio, **precision)
-        backbone = None
-        if self.extractor is None:
-            backbone = StrideEightBackbone(widths=m.backbone_widths, blocks=m.backbone_blocks,
-                                           out_channels=m.feature_channels, **precision)
-        return RoiHumanModel(head, backbone)
-
-    # --- data ---
-    def _transforms(self, train: bool):
+    def _features(self, keep_image: bool) -> _WithFeatures | None:
         data = self.cfg.data
-        example_fn = functools.partial(transforms.make_roi_example, image_size=data.image_size, max_rois=data.max_rois,
-                                       mask_size=data.mask_size, jitter=data.jitter,
-                                       flip=data.flip and self.extractor is None)
-        features = None
-        if self.extractor is not None:
-            side = -(-data.image_size // 8)
-            features = _WithFeatures(self.extractor, (side, side, self.cfg.model.feature_channels), keep_image=not train)
-        fn = _train_transform if train else _val_transform
-        return functools.partial(fn, example_fn=example_fn, features=features)
+        if not data.extractor_onnx:
+            return None
+        if self._extractor is None:
+            cache = (data.feature_cache_dir
+                     or str(Path(data.extractor_onnx).with_suffix("")) + f"_features_{data.image_size}")
+            self._extractor = OnnxFeatureExtractor(data.extractor_onnx, cache)
+            if self._extractor.out_channels not in (None, self.feature_channels):
+                raise ConfigError(f"extractor gives {self._extractor.out_channels} channels but "
+                                  f"model.feature_channels is {self.feature_channels}")
+            if self._extractor.in_size not in (None, (data.image_size, data.image_size)):
+                raise ConfigError(f"extractor expects {self._extractor.in_size} input; set data.image_size to match")
+        side = -(-data.image_size // 8)
+        return _WithFeatures(self._extractor, (side, side, self.feature_channels), keep_image=keep_image)
+
+    def _data(self, split: str) -> tuple[coco.PersonRoiSource, Transform]:
+        data, train = self.cfg.data, split == "train"
+        example = functools.partial(transforms.make_roi_example, image_size=data.image_size, max_rois=data.max_rois,
+                                    mask_size=data.mask_size, jitter=data.jitter,
+                                    flip=data.flip and not data.extractor_onnx)
+        return (coco.PersonRoiSource(self._index(split), data.max_rois),
+                Transform(example, then=self._features(keep_image=not train)))
 
     def train_data(self):
-        return coco.PersonRoiSource(self.train_images, self.cfg.data.max_rois), self._transforms(train=True)
+        if not self.cfg.data.class_weights:
+            self._complete_class_weights()
+        return self._data("train")
 
     def val_data(self):
-        return coco.PersonRoiSource(self.val_images, self.cfg.data.max_rois), self._transforms(train=False)
+        return self._data("val")
 
     # --- loss and metrics (inside jit) ---
     def loss_and_sums(self, model: RoiHumanModel, batch: dict):
-        if self.extractor is None:
-            inputs = batch["image"].astype(self.compute_dtype) / 255.0  # uint8 travels, device normalises
-        else:
+        if "features" in batch:
             inputs = batch["features"].astype(self.compute_dtype)
+        else:
+            inputs = batch["image"].astype(self.compute_dtype) / 255.0  # uint8 travels, device normalises
         rois = batch["rois"]
         num_images, max_rois = rois.shape[:2]
         image_ok = batch["image_ok"] & batch["valid"]
         roi_valid = (batch["roi_valid"] & image_ok[:, None]).reshape(-1)
-        batch_index = jnp.broadcast_to(jnp.arange(num_images, dtype=rois.dtype)[:, None, None], (num_images, max_rois, 1))
+        batch_index = jnp.broadcast_to(jnp.arange(num_images, dtype=rois.dtype)[:, None, None],
+                                       (num_images, max_rois, 1))
         rois = jnp.concatenate([batch_index, rois], axis=-1).reshape(-1, 5)
         logits = model(inputs, rois).astype(jnp.float32)
         targets = batch["targets"].reshape(-1, *batch["targets"].shape[2:]).astype(jnp.int32)
 
+        if not self.cfg.data.class_weights:  # a run restored from a config saved without them
+            self._complete_class_weights()
         loss_cfg = self.cfg.loss
-        ce, _ = losses.weighted_cross_entropy(logits, targets, roi_valid[:, None, None], jnp.asarray(self.class_weights))
+        ce, _ = losses.weighted_cross_entropy(logits, targets, roi_valid[:, None, None],
+                                              jnp.asarray(self.cfg.data.class_weights, jnp.float32))
         dice = losses.soft_dice_loss(jax.nn.softmax(logits, axis=-1)[..., 1], targets == 1, roi_valid)
         loss = loss_cfg.ce_weight * ce + loss_cfg.dice_weight * dice
         pred = jnp.argmax(logits, axis=-1)
-        count = roi_valid.sum()
-        sums = {
-            "count": count,
-            "loss": loss * count,
-            "ce": ce * count,
-            "dice": dice * count,
-            "confusion": metrics.confusion_matrix(targets, pred, len(CLASS_NAMES), roi_valid[:, None, None]),
-            "records": batch["valid"].sum(),
-            "bad_records": (batch["valid"] & ~batch["image_ok"]).sum(),
-        }
+        confusion = metrics.confusion_matrix(targets, pred, len(CLASS_NAMES), roi_valid[:, None, None])
+        sums = self.item_sums(batch, roi_valid.sum(), confusion, loss=loss, ce=ce, dice=dice)
         outputs = {"pred": pred.reshape(num_images, max_rois, *pred.shape[1:]).astype(jnp.uint8)}
         return loss, (sums, outputs)
 
-    def summarize(self, sums: dict) -> dict:
-        count = max(float(sums["count"]), 1.0)
-        out = {name: float(sums[name]) / count for name in ("loss", "ce", "dice")}
-        out.update(metrics.summarize_confusion(sums["confusion"], list(CLASS_NAMES)))
-        out["rois"] = int(sums["count"])
-        return out
-
     # --- visualisation (host) ---
-    def visualize(self, batch: dict, outputs: dict, out_dir: Path, tag: str, limit: int) -> list[Path]:
-        """One PNG per image: a panel per person, its predicted mask pasted into its box."""
-        if "image" not in batch:
-            return []
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written = []
-        for i in np.flatnonzero(batch["valid"] & batch["image_ok"])[:limit]:
-            panels = [overlay_roi_prediction(batch["image"][i], batch["rois"][i, r], outputs["pred"][i, r])
-                      for r in np.flatnonzero(batch["roi_valid"][i])]
-            if panels:
-                path = out_dir / f"{tag}_image{int(batch['image_id'][i])}.png"
-                Image.fromarray(np.concatenate(panels, axis=1)).save(path)
-                written.append(path)
-        return written
+    def panels(self, batch: dict, outputs: dict, index: int) -> list[np.ndarray]:
+        """A panel per person: its predicted mask pasted into its box."""
+        return [overlay_roi_prediction(batch["image"][index], batch["rois"][index, r], outputs["pred"][index, r])
+                for r in np.flatnonzero(batch["roi_valid"][index])]
 
     # --- export (segjax.export.onnx) ---
     def export_signature(self, variant: str = "default") -> tuple[list[tuple[str, tuple]], list[str]]:
@@ -258,17 +241,16 @@ class Task:
         (`features [N, C, S/8, S/8]`, as the frozen extractor gives them), "end_to_end" the head on
         the built-in backbone (`images [N, 3, S, S]`); both take `rois [K, 5]` and give
         `masks [K, 3, 56, 56]`. S is data.image_size."""
+        self.check_variant(variant)
         size = self.cfg.data.image_size
         if variant == "default":
             side = -(-size // 8)
-            first = ("features", ("N", self.cfg.model.feature_channels, side, side))
-        elif variant == "end_to_end":
-            if self.extractor is not None:
+            first = ("features", ("N", self.feature_channels, side, side))
+        else:
+            if self.cfg.data.extractor_onnx:
                 raise ValueError("variant 'end_to_end' needs the built-in backbone, but this model reads features "
                                  f"from the ONNX extractor {self.cfg.data.extractor_onnx}")
             first = ("images", ("N", 3, size, size))
-        else:
-            raise ValueError(f"unknown export variant {variant!r}; choose one of ['default', 'end_to_end']")
         return [first, ("rois", ("K", 5))], ["masks"]
 
     def export_forward(self, model: RoiHumanModel, inputs: jax.Array, rois: jax.Array, *,

@@ -1,0 +1,92 @@
+"""The command line every entry point shares: experiment, its variants, `--set` and the config's
+flags, resolved into a validated config; user mistakes end in one line and exit status 2.
+
+An experiment's variants are the keyword arguments of its `get_config` (`--mode`, `demo`); a
+config field declared with `segjax.config.flag` is also a flag (`--epochs`, `--train_ann`, …).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import typing
+from collections.abc import Callable, Sequence
+
+from segjax import config as config_lib
+from segjax import tasks
+from segjax.config import ConfigError
+from segjax.data.errors import DataError
+
+# A user's mistake rather than a bug: one line, exit status 2.
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
+
+
+def guarded(main: Callable[..., int]) -> Callable[..., int]:
+    """Wraps an entry point's `main`: a user error prints `error: ...` on stderr and returns 2."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except USER_ERRORS as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _flag_type(cfg, key: str) -> dict:
+    annotation = config_lib.field_type(cfg, key)
+    if typing.get_origin(annotation) is typing.Literal:
+        return dict(choices=list(typing.get_args(annotation)))
+    if annotation is bool:
+        return dict(nargs="?", const="true", metavar="BOOL")
+    return dict(metavar=getattr(annotation, "__name__", "VALUE").upper())
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, flags: bool = True) -> argparse.Namespace:
+    """Parses `argv` with `parser` plus the experiment's arguments: `--experiment`, `--set`, a flag
+    per variant of `get_config` (`--mode`) and, with `flags`, the config's field flags. `--help`
+    lists them once `--experiment` is given."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--experiment")
+    name = pre.parse_known_args(argv)[0].experiment
+    parser.add_argument("--experiment", required=True,
+                        help=f"built-in name ({', '.join(config_lib.builtin_experiments())}) or a .py file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field, e.g. --set optim.lr=3e-4 (repeatable)")
+    if name:
+        variants = config_lib.experiment_variants(name)
+        if "mode" in variants:
+            parser.add_argument("--mode", choices=variants["mode"], help="a variant of the experiment")
+        if flags:
+            group = parser.add_argument_group("config fields (flags of the original scripts)")
+            base = config_lib.load_experiment(name)
+            for flag, key in config_lib.flags(base).items():
+                group.add_argument(f"--{flag}", dest=f"field:{key}", help=f"= --set {key}=...", **_flag_type(base, key))
+    return parser.parse_args(argv)
+
+
+def overrides(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Field flags, then --set, as (key, text) pairs."""
+    fields = [(k.removeprefix("field:"), str(v)) for k, v in vars(args).items()
+              if k.startswith("field:") and v is not None]
+    return fields + config_lib.parse_set(args.set)
+
+
+def checked(cfg: config_lib.Config) -> config_lib.Config:
+    tasks.task_class(cfg.task).check(cfg)
+    return config_lib.validate(cfg)
+
+
+def experiment_config(args: argparse.Namespace, *, demo: bool = True, **variant) -> config_lib.Config:
+    """The config the command line asks for: the experiment's variant (`--mode`; its demo variant
+    when `demo` and no data were given), then flags and --set, validated. `variant` adds keyword
+    arguments of get_config (e.g. model)."""
+    variant = {**({"mode": args.mode} if getattr(args, "mode", None) else {}), **variant}
+    pairs = overrides(args)
+    cfg = config_lib.apply(config_lib.load_experiment(args.experiment, **variant), pairs)
+    if demo and not tasks.task_class(cfg.task).has_data(cfg.data):
+        cfg = config_lib.apply(config_lib.load_experiment(args.experiment, demo=True, **variant), pairs)
+    return checked(cfg)

@@ -1,0 +1,157 @@
+"""The model set-up every entry point shares: the task's model and optimizer as split NNX state,
+weights from a PyTorch state dict or a checkpoint, and a checkpoint's own config and model."""
+from __future__ import annotations
+
+import logging
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from segjax import config as config_lib
+from segjax import tasks
+from segjax.engine import mesh as mesh_lib
+from segjax.engine import steps as steps_lib
+from segjax.engine.checkpoint import Checkpointer, find_checkpoint_dir, latest_run
+
+log = logging.getLogger("segjax")
+
+
+class ModelSetup(typing.NamedTuple):
+    model_def: nnx.GraphDef  # training mode
+    eval_def: nnx.GraphDef  # BatchNorm running averages, dropout off
+    opt_def: nnx.GraphDef
+    model_state: nnx.State
+    opt_state: nnx.State
+    shardings: tuple  # of (model_state, opt_state)
+    schedule: typing.Callable  # learning rate per optimizer update
+    num_params: int
+
+
+def build_state(task, mesh: jax.sharding.Mesh, steps_per_epoch: int, epochs: int) -> ModelSetup:
+    """The task's model and optimizer as split NNX state, replicated over the mesh."""
+    cfg = task.cfg
+    # Created inside jit: eager initialisers compile one small program per layer shape.
+    model = nnx.jit(lambda: task.build_model(nnx.Rngs(cfg.train.seed)))()
+    tx, schedule = steps_lib.make_optimizer(cfg.optim, steps_per_epoch, epochs)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    model_def, model_state = nnx.split(model)
+    opt_def, opt_state = nnx.split(optimizer)
+    model.eval()
+    eval_def = nnx.graphdef(model)
+    replicated = mesh_lib.replicated(mesh)
+    model_state, opt_state = jax.device_put((model_state, opt_state), replicated)
+    shardings = jax.tree.map(lambda _: replicated, (model_state, opt_state))
+    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return ModelSetup(model_def, eval_def, opt_def, model_state, opt_state, shardings, schedule, num_params)
+
+
+def load_torch_weights(task, model: nnx.Module, path: str, state_dict: dict | None = None) -> None:
+    """Imports a PyTorch state dict (read from `path` unless given) into `model` in place, by the
+    task's scheme (segjax.bridge)."""
+    from segjax import bridge  # torch is imported only when a .pt/.pth file is read
+
+    scheme, submodule = task.torch_weights()
+    state_dict = bridge.load_torch_state_dict(path) if state_dict is None else state_dict
+    bridge.import_torch_weights(getattr(model, submodule) if submodule else model, state_dict, scheme)
+    log.info("initialised %s from PyTorch weights %s (scheme %s)", submodule or "the model", path, scheme)
+
+
+def torch_model(task, path: str) -> tuple[object, nnx.Module]:
+    """(task, model) holding a PyTorch state dict's weights; a whole-model state dict's classifier
+    sets the class count (`task.with_num_classes`)."""
+    from segjax import bridge
+
+    scheme, _ = task.torch_weights()
+    state_dict = bridge.load_torch_state_dict(path)
+    num_classes = bridge.SCHEMES[scheme].num_classes(state_dict)
+    if num_classes is not None and num_classes != len(task.class_names):
+        log.info("the state dict's classifier has %d classes (the config %d): building the model for %d",
+                 num_classes, len(task.class_names), num_classes)
+        task = task.with_num_classes(num_classes)
+    model = nnx.jit(lambda: task.build_model(nnx.Rngs(0)))()
+    load_torch_weights(task, model, path, state_dict)
+    return task, model
+
+
+def open_checkpoint(path: str | Path, *, best: bool = True) -> tuple[Checkpointer, int]:
+    """A read-only Checkpointer and its step: the one `path` names, else the best (with `best`) or
+    latest complete one."""
+    ckpt_dir, step = find_checkpoint_dir(path)
+    checkpointer = Checkpointer(ckpt_dir, read_only=True)
+    if step is None:
+        step = (best and checkpointer.best_step()) or checkpointer.latest_step()
+    if step is None:
+        checkpointer.close()
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
+    return checkpointer, step
+
+
+def checkpoint_config(path: str | Path, *, best: bool = True) -> tuple[config_lib.Config, Path, int]:
+    """The config saved with a checkpoint, its directory and step (see `open_checkpoint`)."""
+    checkpointer, step = open_checkpoint(path, best=best)
+    try:
+        return config_lib.from_dict(checkpointer.meta(step)["config"]), checkpointer.directory, step
+    finally:
+        checkpointer.close()
+
+
+def init_weights(task, model_def: nnx.GraphDef, model_state: nnx.State, sharding) -> nnx.State:
+    """`train.init_from`: a PyTorch state dict (`torch:PATH`) or a segjax run/checkpoint
+    (`latest` = this experiment's newest run) as the starting weights, placed by `sharding`."""
+    cfg = task.cfg
+    if cfg.train.init_from.startswith("torch:"):
+        model = nnx.merge(model_def, model_state)
+        load_torch_weights(task, model, cfg.train.init_from.removeprefix("torch:"))
+        return jax.device_put(nnx.state(model), sharding)
+    source = cfg.train.init_from.removeprefix("segjax:")
+    if source == "latest":
+        source = latest_run(cfg.train.run_root, cfg.experiment)
+    checkpointer, step = open_checkpoint(source)
+    model_state, _, _ = checkpointer.restore(step, model_state)
+    checkpointer.close()
+    log.info("initialised weights from %s step %d", checkpointer.directory, step)
+    return model_state
+
+
+class Restored(typing.NamedTuple):
+    task: object  # built from the config saved in the checkpoint
+    graphdef: nnx.GraphDef  # eval mode: BatchNorm running averages, dropout off
+    state: nnx.State
+    ckpt_dir: Path
+    step: int
+    meta: dict
+
+
+def locate(path: str | Path, experiment: str, model_name: str | None = None) -> Path:
+    """A checkpoint of `experiment` at `path` (run, checkpoint or step directory), or the newest
+    run under `path` (e.g. runs/); with `model_name`, the checkpoint must be of that model.name."""
+    try:
+        cfg, ckpt_dir, step = checkpoint_config(path)
+    except FileNotFoundError:
+        return latest_run(path, experiment, model_name)
+    name = getattr(cfg.model, "name", None)
+    if model_name is not None and name != model_name:
+        raise config_lib.ConfigError(f"{path} is a checkpoint of model {name!r}, not {model_name!r}")
+    return ckpt_dir / str(step)
+
+
+def restore_model(path: str | Path, *, overrides: Sequence[str] = (), sharding=None) -> Restored:
+    """A checkpoint's model (its best step, else its latest) with the task its saved config builds.
+
+    `overrides` are `key=value` config changes; `sharding` places the weights (default: the
+    first local device). Reads no data: the task opens them only when asked.
+    """
+    cfg, ckpt_dir, step = checkpoint_config(path)
+    task = tasks.build(config_lib.apply(cfg, config_lib.parse_set(overrides)))
+    model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))  # shapes only: weights come from the checkpoint
+    model.eval()
+    graphdef, abstract_state = nnx.split(model)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state)
+    checkpointer = Checkpointer(ckpt_dir, read_only=True)
+    state, _, meta = checkpointer.restore(step, abstract_state)
+    checkpointer.close()
+    return Restored(task, graphdef, state, ckpt_dir, step, meta)

@@ -1,0 +1,212 @@
+"""The task contract (`Task`, a Protocol) and `TaskBase`, the behaviour every task shares.
+
+A task joins model, loss, metrics and data for one kind of prediction; the trainer, evaluate,
+predict and export ask it for everything that differs between experiments and never branch on a
+name. Building a task reads no data: paths are resolved in `__init__` (the demo data written when
+none were given), the data are opened by `train_data()` / `val_data()`, so a model can be
+restored, exported or used for prediction from a run directory alone.
+
+Optional capabilities (PyTorch weights, export variants, prediction) are part of the contract:
+`TaskBase` answers each with `Unsupported`, a one-line ConfigError naming the task, until a task
+provides it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from segjax import metrics
+from segjax.config import ConfigError
+
+
+class Unsupported(ConfigError):
+    """A task was asked for an optional capability it does not have."""
+
+
+@runtime_checkable
+class Task(Protocol):
+    cfg: Any  # segjax.config.Config with data paths resolved
+    class_names: tuple[str, ...]  # of the metrics' confusion matrix
+    best_metric: str  # the checkpoint kept as best; shown on the progress bar
+    best_mode: Literal["max", "min"]
+    shown_metrics: tuple[str, ...]  # the summary and log lines show these (when present), the bar the first two
+
+    @staticmethod
+    def has_data(data_cfg) -> bool:
+        """Were real data paths given? (else the demo data and the experiment's demo variant)."""
+
+    @staticmethod
+    def check(cfg) -> None:
+        """Raises ConfigError for values that the types alone do not catch."""
+
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module: ...
+
+    def train_data(self) -> tuple[Sequence, Callable[[Any, np.random.Generator], dict]]:
+        """(source, transform(entry, rng)); opens the data. May complete `cfg` with values found in
+        the data (class weights), which the trainer saves with the run."""
+
+    def val_data(self) -> tuple[Sequence, Callable[[Any], dict]]: ...
+
+    def loss_and_sums(self, model: nnx.Module, batch: dict) -> tuple[jax.Array, tuple[dict, dict]]:
+        """Inside jit: (loss, (sums, outputs)); `sums` are additive statistics including `records`
+        and `bad_records` (the trainer's health check), `outputs` what `visualize` draws."""
+
+    def summarize(self, sums: dict) -> dict:
+        """Host sums -> metrics by name (floats are logged; `best_metric` among them)."""
+
+    def visualize(self, batch: dict, outputs: dict, out_dir: Path, tag: str, limit: int) -> list[Path]: ...
+
+    # --- optional capabilities ---
+    def torch_weights(self) -> tuple[str, str]:
+        """(segjax.bridge scheme, submodule it fills; "" = the whole model) for `--init_from torch:`."""
+
+    def with_num_classes(self, num_classes: int) -> Task:
+        """The same task for a model of `num_classes` classes (a whole-model state dict's)."""
+
+    def export_signature(self, variant: str = "default") -> tuple[list[tuple[str, tuple]], list[str]]:
+        """ONNX inputs as (name, shape), str dims dynamic, and output names (the PyTorch original's)."""
+
+    def export_forward(self, model: nnx.Module, *inputs: jax.Array, variant: str = "default") -> tuple[jax.Array, ...]:
+        """NCHW float32 inputs (images in [0, 1]) -> NCHW outputs, as the PyTorch original."""
+
+    def predict_inputs(self, image: np.ndarray, **options) -> tuple[dict, Any]:
+        """One RGB uint8 image [H, W, 3] (with task options, e.g. boxes) -> (model inputs as a batch
+        of one, context for `postprocess`)."""
+
+    def postprocess(self, outputs: Any, context: Any) -> np.ndarray:
+        """The model's outputs for `predict_inputs` -> a class-index map at the image's own size."""
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A picklable grain transform: `example(entry, rng=rng)` in training, `example(entry)` in
+    validation or when `fixed` (the same deterministic view every step); `then` post-processes."""
+
+    example: Callable
+    then: Callable | None = None
+    fixed: bool = False
+
+    def __call__(self, entry, rng: np.random.Generator | None = None) -> dict:
+        record = self.example(entry) if self.fixed or rng is None else self.example(entry, rng=rng)
+        return record if self.then is None else self.then(record)
+
+
+def sized(model_cfg, sizes: dict[str, dict]) -> dict:
+    """A model's keyword arguments: the variant `model_cfg.size` of a model module's `SIZES`, with
+    the config's explicit (not None) fields on top."""
+    explicit = {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(model_cfg)
+                if f.name != "size" and getattr(model_cfg, f.name) is not None}
+    return {**sizes[model_cfg.size], **explicit}
+
+
+def record_sums(batch: dict) -> dict:
+    """The trainer's health sums: records in the batch (padding excluded) and unreadable ones."""
+    return {"records": batch["valid"].sum(), "bad_records": (batch["valid"] & ~batch["image_ok"]).sum()}
+
+
+class TaskBase:
+    """What every task shares. A subclass sets `data_keys` or overrides `has_data`, implements
+    `resolve_data`, `build_model`, the data, `loss_and_sums` and `panels`, and names in
+    `loss_terms` the per-item means its sums hold (each summed over `count` items)."""
+
+    best_metric: str = "miou"
+    best_mode: Literal["max", "min"] = "max"
+    data_keys: ClassVar[tuple[str, ...]] = ()  # data config fields that, set, mean real data
+    loss_terms: ClassVar[tuple[str, ...]] = ("loss",)
+    count_name: ClassVar[str] = "images"  # what `sums["count"]` counts, in the metrics
+    export_variants: ClassVar[tuple[str, ...]] = ("default",)
+    class_names: tuple[str, ...]
+
+    def __init__(self, cfg):
+        # Paths only: the data are opened by train_data/val_data.
+        self.cfg = dataclasses.replace(cfg, data=self.resolve_data(cfg.data))
+        self.compute_dtype = jnp.bfloat16 if cfg.train.precision == "bf16" else jnp.float32
+
+    @classmethod
+    def has_data(cls, data_cfg) -> bool:
+        return any(getattr(data_cfg, key) for key in cls.data_keys)
+
+    @staticmethod
+    def check(cfg) -> None:
+        pass
+
+    def resolve_data(self, data_cfg):
+        """The data config with every path the task reads filled in (demo data when none given)."""
+        return data_cfg
+
+    @staticmethod
+    def item_sums(batch: dict, count: jax.Array, confusion: jax.Array, **means: jax.Array) -> dict:
+        """The sums `summarize` reads: per-item `means` (the `loss_terms`) times the `count` of
+        items, the confusion matrix and the trainer's health sums."""
+        return {"count": count, **{name: value * count for name, value in means.items()}, "confusion": confusion,
+                **record_sums(batch)}
+
+    @property
+    def shown_metrics(self) -> tuple[str, ...]:
+        """Loss and best metric first (the progress bar's), then the loss terms, mIoU, pixel
+        accuracy and, for up to four classes, each class's IoU."""
+        per_class = tuple(f"iou_{name}" for name in self.class_names) if len(self.class_names) <= 4 else ()
+        return tuple(dict.fromkeys(("loss", self.best_metric, *self.loss_terms[1:], "miou", "pixel_accuracy",
+                                    *per_class)))
+
+    def summarize(self, sums: dict) -> dict:
+        """Mean loss terms per counted item, and the confusion matrix's IoU, Dice and accuracy."""
+        count = max(float(sums["count"]), 1.0)
+        out = {name: float(sums[name]) / count for name in self.loss_terms}
+        out.update(metrics.summarize_confusion(sums["confusion"], list(self.class_names)))
+        out[self.count_name] = int(sums["count"])
+        return out
+
+    def panels(self, batch: dict, outputs: dict, index: int) -> list[np.ndarray]:
+        """The images side by side in one visualisation of batch item `index` ([] = none)."""
+        raise NotImplementedError
+
+    def visualize(self, batch: dict, outputs: dict, out_dir: Path, tag: str, limit: int) -> list[Path]:
+        """`prediction_<tag>_<n>.png` for up to `limit` usable images: the task's panels side by side."""
+        if "image" not in batch:  # a model on cached features: nothing to draw on
+            return []
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for i in np.flatnonzero(batch["valid"] & batch["image_ok"])[:limit]:
+            panels = self.panels(batch, outputs, int(i))
+            if panels:
+                path = out_dir / f"prediction_{tag}_{len(written)}.png"
+                Image.fromarray(np.concatenate(panels, axis=1).astype(np.uint8)).save(path)
+                written.append(path)
+        return written
+
+    # --- optional capabilities ---
+    def _unsupported(self, what: str) -> Unsupported:
+        return Unsupported(f"{Path(self.cfg.experiment).stem}: task {self.cfg.task!r} has no {what}")
+
+    def torch_weights(self) -> tuple[str, str]:
+        raise self._unsupported("PyTorch original to import weights from")
+
+    def with_num_classes(self, num_classes: int) -> TaskBase:
+        """The same task for a model of `num_classes` classes (a PyTorch state dict's)."""
+        raise self._unsupported(f"class count other than {len(self.class_names)}")
+
+    def check_variant(self, variant: str) -> None:
+        if variant not in self.export_variants:
+            raise ValueError(f"unknown export variant {variant!r}; choose one of {list(self.export_variants)}")
+
+    def export_signature(self, variant: str = "default") -> tuple[list[tuple[str, tuple]], list[str]]:
+        raise self._unsupported("ONNX export")
+
+    def export_forward(self, model: nnx.Module, *inputs: jax.Array, variant: str = "default"):
+        raise self._unsupported("ONNX export")
+
+    def predict_inputs(self, image: np.ndarray, **options) -> tuple[dict, Any]:
+        raise self._unsupported("prediction")
+
+    def postprocess(self, outputs: Any, context: Any) -> np.ndarray:
+        raise self._unsupported("prediction")
