@@ -12,7 +12,8 @@ from scipy.optimize import linear_sum_assignment
 
 from segjax.losses import set_prediction_loss
 from segjax.models.darknet import DarkNet53
-from segjax.models.hybrid import HYBRID_FULL, HYBRID_TINY, HybridQueryModel, sine_positions
+from segjax.models.hybrid import HYBRID_FULL, HYBRID_TINY, HybridQueryModel
+from segjax.models.transformer import sine_positions
 from segjax.ops.matching import hungarian_match
 
 OVERFIT_STEPS = 100
