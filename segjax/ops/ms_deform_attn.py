@@ -52,7 +52,7 @@ def ms_deform_attn(
     """
     method = default_method() if method is None else method
     batch, total, heads, dim = value.shape
-    _, queries, _, levels, points, _ = locations.shape
+    _, queries, _, levels, _, _ = locations.shape
     if len(shapes) != levels or sum(h * w for h, w in shapes) != total:
         raise ValueError(f"value has {total} positions, locations {levels} levels; the shapes "
                          f"{list(shapes)} do not fit")
