@@ -107,11 +107,13 @@ HEADS = (
     Rule(PIXEL + "level_embed", "pixel_decoder.level_embed"),
     *conv(PIXEL + "input_projections.{I}.0", "pixel_decoder.input_projections.{I}.conv", bias=True),
     *layer_norm(PIXEL + "input_projections.{I}.1", "pixel_decoder.input_projections.{I}.norm"),
-    *linear(PIXEL + "encoder.layers.{I}.self_attn.{P:sampling_offsets|attention_weights|"
-            "value_proj|output_proj}", "pixel_decoder.layers.{I}.self_attn.{P}"),
+    *(rule for name in ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
+      for rule in linear(f"{PIXEL}encoder.layers.{{I}}.self_attn.{name}",
+                         f"pixel_decoder.layers.{{I}}.self_attn.{name}")),
     *(rule for name in ("self_attn_layer_norm", "final_layer_norm") for rule in layer_norm(
         f"{PIXEL}encoder.layers.{{I}}.{name}", f"pixel_decoder.layers.{{I}}.{name}")),
-    *linear(PIXEL + "encoder.layers.{I}.{F:fc1|fc2}", "pixel_decoder.layers.{I}.{F}"),
+    *(rule for name in ("fc1", "fc2") for rule in linear(
+        f"{PIXEL}encoder.layers.{{I}}.{name}", f"pixel_decoder.layers.{{I}}.{name}")),
     *conv(PIXEL + "mask_projection", "pixel_decoder.mask_projection", bias=True),
     *(rule for i in range(NUM_LEVELS) for rule in (
         *conv(f"{PIXEL}adapter_{i + 1}.0", f"pixel_decoder.adapters.{i}.conv"),
@@ -323,11 +325,22 @@ def load_hf_mask2former(path: str | Path, *, num_classes: int | None = None,
     return import_hf_state_dict(model, state_dict, reinit_class_head=reinit), names
 
 
-def hf_state_dict(model: Mask2Former) -> dict[str, np.ndarray]:
-    """{HF on-disk key: array} of `model` (what `save_pretrained` writes, less the loss's
-    `criterion.empty_weight`, which HF rebuilds from its config)."""
-    scheme = SCHEMES["swin" if hasattr(model.backbone, "stages") else "resnet"]
-    return _fuse(to_torch_state_dict(model, scheme))
+def hf_state_dict(model: Mask2Former, no_object_weight: float = 0.1) -> dict[str, np.ndarray]:
+    """{HF on-disk key: array} of `model`, as `save_pretrained` writes it, including the two
+    entries segjax has no use for: the loss's class weights `criterion.empty_weight` (1, and
+    `no_object_weight` for "no object"), Swin's unused final LayerNorm (identity) and
+    BatchNorm's `num_batches_tracked` (0)."""
+    swin = hasattr(model.backbone, "stages")
+    state = _fuse(to_torch_state_dict(model, SCHEMES["swin" if swin else "resnet"]))
+    num_outputs = model.transformer.class_predictor.bias.shape[0]
+    state["criterion.empty_weight"] = np.r_[np.ones(num_outputs - 1), no_object_weight]
+    for key in [k for k in state if k.endswith(".running_mean")]:
+        state[key.removesuffix("running_mean") + "num_batches_tracked"] = np.array(0, np.int64)
+    if swin:
+        channels = model.backbone.out_channels[-1]
+        state[ENCODER + "swin.layernorm.weight"] = np.ones(channels)
+        state[ENCODER + "swin.layernorm.bias"] = np.zeros(channels)
+    return state
 
 
 def save_hf_mask2former(model: Mask2Former, path: str | Path, config: dict) -> Path:
@@ -336,7 +349,9 @@ def save_hf_mask2former(model: Mask2Former, path: str | Path, config: dict) -> P
     from safetensors.numpy import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: np.ascontiguousarray(v, np.float32) for k, v in hf_state_dict(model).items()}
+    weights = hf_state_dict(model, config.get("no_object_weight", 0.1))
+    state = {k: np.array(v, np.float32 if v.dtype.kind == "f" else v.dtype, order="C")
+             for k, v in weights.items()}
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
