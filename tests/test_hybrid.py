@@ -13,7 +13,8 @@ from scipy.optimize import linear_sum_assignment
 
 from segjax.losses import set_prediction_loss
 from segjax.models.darknet import DarkNet53
-from segjax.models.hybrid import SIZES, HybridQueryModel, sine_positions
+from segjax.models.hybrid import SIZES, HybridQueryModel
+from segjax.models.transformer import sine_positions
 from segjax.ops.matching import hungarian_match
 
 OVERFIT_STEPS = 100

@@ -1,7 +1,9 @@
 r"""Name tables between PyTorch state dicts and segjax models, one scheme per PyTorch original.
 
 A rule pairs a PyTorch key template with a segjax state-path template (dotted, list indices as
-numbers) and the axis permutation that turns the PyTorch array into the segjax one. `{name}` in
+numbers) and the axis permutation that turns the PyTorch array into the segjax one; `split`
+names the axis (after the permutation) that the segjax array splits in two (a projection's
+heads × head size in `nnx.MultiHeadAttention`). `{name}` in
 a template stands for an index (`\d+`), `{name:regex}` for a constrained one; the same names
 appear on both sides, so one table maps in both directions (import and export).
 """
@@ -36,11 +38,13 @@ def _translate(key: str, from_template: str, to_template: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """`source` (PyTorch key) <-> `target` (segjax path); `layout` permutes source axes."""
+    """`source` (PyTorch key) <-> `target` (segjax path); `layout` permutes source axes, then
+    axis `split` becomes the target's two axes split and split + 1."""
 
     source: str
     target: str
     layout: tuple[int, ...] | None = None
+    split: int | None = None
 
     def target_of(self, key: str) -> str | None:
         return _translate(key, self.source, self.target)
@@ -95,7 +99,18 @@ def conv_norm(source_conv: str, source_norm: str, target: str) -> tuple[Rule, ..
 
 def prefixed(rules: tuple[Rule, ...], prefix: str) -> tuple[Rule, ...]:
     """The same rules for a submodule named `prefix` on both sides ("backbone.", "encoder.")."""
-    return tuple(Rule(prefix + r.source, prefix + r.target, r.layout) for r in rules)
+    return tuple(Rule(prefix + r.source, prefix + r.target, r.layout, r.split) for r in rules)
+
+
+def linear(source: str, target: str, *, bias: bool = True) -> tuple[Rule, ...]:
+    """torch `Linear` [out, in] -> `nnx.Linear` kernel [in, out]."""
+    rules = (Rule(source + ".weight", target + ".kernel", (1, 0)),)
+    return rules + (Rule(source + ".bias", target + ".bias"),) if bias else rules
+
+
+def layer_norm(source: str, target: str) -> tuple[Rule, ...]:
+    """torch `LayerNorm` / `GroupNorm` -> `nnx.LayerNorm` / `nnx.GroupNorm`."""
+    return (Rule(source + ".weight", target + ".scale"), Rule(source + ".bias", target + ".bias"))
 
 
 NUM_BATCHES_TRACKED = r".*num_batches_tracked"  # a training counter; nnx.BatchNorm keeps none

@@ -11,7 +11,8 @@ otherwise one error lists every problem and the module is left untouched. torch 
 only to read pickled checkpoints.
 """
 import pickle
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -55,14 +56,16 @@ def load_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def import_torch_weights(model: nnx.Module, state_dict: Mapping, scheme: str | Scheme, *,
-                         prefix: str = "") -> nnx.Module:
+                         prefix: str = "", keep: Sequence[str] = ()) -> nnx.Module:
     """Fill `model`'s parameters and BatchNorm statistics from a PyTorch state dict, in place.
 
     `model` may be a submodule (`voc_model.encoder`, `hybrid.backbone`): the scheme's paths are
     relative to it and the rest of the parent model is left as it is. `prefix` selects the keys
     under it and strips it ("backbone." to take a DeepLabV3's ResNet, "module." for
     DataParallel checkpoints); other keys are not part of the import. Values may be numpy arrays
-    or torch tensors; they are cast to each parameter's dtype. Returns `model`.
+    or torch tensors; they are cast to each parameter's dtype. `keep`: regexes of model paths
+    that keep their own values (a re-initialised head); their PyTorch keys are skipped. Returns
+    `model`.
     """
     scheme = _scheme(scheme)
     variables = _variables(model)
@@ -77,6 +80,8 @@ def import_torch_weights(model: nnx.Module, state_dict: Mapping, scheme: str | S
                 unmatched.append(key)
             continue
         path, rule = found
+        if any(re.fullmatch(pattern, path) for pattern in keep):
+            continue
         if path not in variables:
             no_target.append(f"{key} -> {path}")
             continue
@@ -85,11 +90,14 @@ def import_torch_weights(model: nnx.Module, state_dict: Mapping, scheme: str | S
         if rule.layout is not None:
             array = array.transpose(rule.layout)
         expected = tuple(variables[path].shape)
+        if rule.split is not None and array.shape == _merged(expected, rule.split):
+            array = array.reshape(expected)
         if array.shape != expected:
             mismatched.append(f"{key} {source_shape} -> {path}: needs {expected}, "
                               f"got {array.shape}")
         updates[path] = array
-    unfilled = sorted(set(variables) - set(updates))
+    unfilled = sorted(path for path in set(variables) - set(updates)
+                      if not any(re.fullmatch(pattern, path) for pattern in keep))
     problems = [("PyTorch keys that match no rule of the scheme", unmatched),
                 ("PyTorch keys whose target the model does not have", no_target),
                 ("model parameters no PyTorch key fills", unfilled),
@@ -121,6 +129,8 @@ def to_torch_state_dict(model: nnx.Module, scheme: str | Scheme, *,
             continue
         key, rule = found
         array = np.asarray(variable[...])
+        if rule.split is not None:
+            array = array.reshape(_merged(array.shape, rule.split))
         if rule.layout is not None:
             array = array.transpose(np.argsort(rule.layout))
         state_dict[prefix + key] = np.array(array, order="C")  # writable, as torch.from_numpy wants
@@ -142,6 +152,11 @@ def _variables(model: nnx.Module) -> dict[str, nnx.Variable]:
     """The module's parameters and BatchNorm statistics by dotted path (RNG state is no weight)."""
     return {".".join(map(str, path)): node for path, node in nnx.iter_graph(model)
             if isinstance(node, (nnx.Param, nnx.BatchStat))}
+
+
+def _merged(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    """`shape` with axes `axis` and `axis + 1` merged into one."""
+    return (*shape[:axis], shape[axis] * shape[axis + 1], *shape[axis + 2:])
 
 
 def _to_numpy(value) -> np.ndarray:
