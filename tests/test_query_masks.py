@@ -171,11 +171,11 @@ def test_export_protocol_and_skip_safe_loss(data_dir):
     # An unreadable (or padded) example changes neither the loss nor the sums, whatever it holds.
     source, transform = task.val_data()
     records = [transform(source[i]) for i in range(2)]
-    batch = {k: np.stack([r[k] for r in records]) for k in ("image", "mask")}
+    batch = {k: np.stack([r[k] for r in records]) for k in records[0]}
     batch.update(valid=np.ones(2, bool), image_ok=np.array([True, False]))
-    noise = {**batch, "image": batch["image"].copy(), "mask": batch["mask"].copy()}
+    noise = {k: v.copy() for k, v in batch.items()}
     noise["image"][1] = np.random.default_rng(0).integers(0, 256, noise["image"][1].shape, dtype=np.uint8)
-    noise["mask"][1] = 1 - noise["mask"][1]
+    noise["mask"][1] = noise["mask_labels"][1, 0] = 1 - noise["mask"][1]
     graphdef, state = nnx.split(model)
     step = jax.jit(lambda s, b: task.loss_and_sums(nnx.merge(graphdef, s), b))
     (loss, (sums, _)), (noise_loss, (noise_sums, _)) = step(state, batch), step(state, noise)
@@ -184,3 +184,63 @@ def test_export_protocol_and_skip_safe_loss(data_dir):
         np.testing.assert_array_equal(sums[key], noise_sums[key])
     assert (int(sums["count"]), int(sums["records"]), int(sums["bad_records"])) == (1, 2, 1)
     assert int(np.asarray(sums["confusion"]).sum()) == SIZE * SIZE  # one image's pixels
+
+
+def _one_person_loss(torch, logits, masks, person, usable):
+    """hybrid_p3m's loss as it was before multi-instance targets, written directly in PyTorch: per
+    usable image, the person mask (when it has pixels) is matched to the query of least cost
+    2·(−p(person)) + 5·BCE + 5·Dice over all pixels; loss 2·CE (no object weighted 0.1) + 5·BCE +
+    5·Dice; the batch loss is the mean over usable images. Returns (loss, summed parts)."""
+    F = torch.nn.functional
+    total, parts = 0.0, dict.fromkeys(("loss_class", "loss_mask", "loss_dice"), 0.0)
+    for b in np.flatnonzero(usable):
+        t = torch.tensor(person[b], dtype=torch.float32).flatten()
+        x = masks[b].flatten(1)
+        p = x.sigmoid()
+        bce = F.binary_cross_entropy_with_logits(x, t.expand_as(x), reduction="none").mean(1)
+        dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum() + 1)
+        target = torch.ones(len(x), dtype=torch.long)  # "no object"
+        if t.any():
+            q = int(torch.argmin(-2 * logits[b].softmax(-1)[:, 0] + 5 * bce + 5 * dice))
+            target[q] = 0
+            bce_b, dice_b = bce[q], dice[q]
+        else:
+            bce_b = dice_b = torch.zeros(())
+        ce = F.cross_entropy(logits[b], target, weight=torch.tensor([1.0, 0.1]))
+        total = total + 2 * ce + 5 * bce_b + 5 * dice_b
+        for name, value in zip(parts, (ce, bce_b, dice_b)):
+            parts[name] = parts[name] + value
+    return total / len(np.flatnonzero(usable)), parts
+
+
+def test_padded_targets_give_the_one_person_loss(data_dir):
+    """hybrid_p3m through the multi-instance targets: the same loss, parts and output gradients
+    (hence parameter updates) as its one-person-mask formulation, on a fixed batch."""
+    torch = pytest.importorskip("torch")
+    cfg, _ = resolve_config(["--experiment", "hybrid_p3m", "--data_dir", str(data_dir), *TINY])
+    task = tasks.build(cfg)
+    source, transform = task.val_data()
+    records = [transform(source[i % len(source)]) for i in range(4)]
+    records[1] = {**records[1], "mask": np.zeros_like(records[1]["mask"])}  # no person: no target
+    records[1] = tasks.query_masks.person_targets(records[1])
+    batch = {k: np.stack([r[k] for r in records]) for k in records[0]}
+    assert batch["mask_labels"].shape == (4, 1, SIZE, SIZE) and batch["label_valid"].tolist() == [[1], [0], [1], [1]]
+    batch.update(valid=np.array([True, True, True, False]), image_ok=np.array([True, True, False, True]))
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 3, 2)).astype(np.float32)
+    masks = 3 * rng.normal(size=(4, 3, SIZE, SIZE)).astype(np.float32)
+
+    def loss_fn(logits, masks):
+        loss, (sums, _) = task.loss_and_sums(lambda images: {"pred_logits": logits, "pred_masks": masks}, batch)
+        return loss, sums
+
+    (loss, sums), grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(logits, masks)
+    t_logits, t_masks = (torch.tensor(a, requires_grad=True) for a in (logits, masks))
+    expected, parts = _one_person_loss(torch, t_logits, t_masks, batch["mask"], batch["valid"] & batch["image_ok"])
+    expected.backward()
+    np.testing.assert_allclose(float(loss), expected.item(), rtol=1e-5)
+    for name, value in parts.items():
+        np.testing.assert_allclose(float(sums[name]), float(value), rtol=1e-5, err_msg=name)
+    for ours, theirs in zip(grads, (t_logits.grad.numpy(), t_masks.grad.numpy())):
+        assert np.abs(theirs).max() > 0
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())

@@ -3,7 +3,9 @@
 Data are square memmaps prepared by `tools/prepare_p3m.py` from P3M-10k (+ Supervisely Person), or
 the original PyTorch pipeline's float16 files, one person mask per image. The model predicts
 `num_queries` (class, mask) pairs; class 0 is "person" and index 1 "no object". Training uses the
-set-prediction loss with each image's mask as its single target.
+set-prediction loss on padded multi-instance targets from the data: per image `mask_labels`
+[T, H, W] (uint8), `class_labels` [T] and `label_valid` [T]; a portrait's are its person mask
+(T = 1, valid when it has person pixels), added by `person_targets`.
 
 Metric rule: the combined prediction of an image is, per pixel, the max over the queries whose
 person probability exceeds `loss.score_threshold` of sigmoid(mask logit) × person probability;
@@ -174,6 +176,13 @@ def _resolve_data(data: QueryMaskDataConfig) -> QueryMaskDataConfig:
     return dataclasses.replace(data, **updates)
 
 
+def person_targets(record: dict) -> dict:
+    """The record with its person mask as the set loss's one padded target (invalid when empty)."""
+    mask = record["mask"]
+    return {**record, "mask_labels": mask[None], "class_labels": np.full(1, PERSON, np.int32),
+            "label_valid": np.asarray([mask.any()])}
+
+
 def combine_queries(pred_logits: jnp.ndarray, pred_masks: jnp.ndarray, class_index: int,
                     score_threshold: float) -> jnp.ndarray:
     """Per-pixel score [B, H, W] of one class: the max over the queries whose probability of that
@@ -232,22 +241,22 @@ class Task(TaskBase):
         source = self._source("train")
         if data.overfit_one:
             # One record, repeated to fill a batch: training should drive its loss towards zero.
-            return [source[0]] * self.cfg.train.batch_size, Transform(eval_portrait, fixed=True)
+            return [source[0]] * self.cfg.train.batch_size, Transform(eval_portrait, then=person_targets,
+                                                                      fixed=True)
         return source, Transform(functools.partial(augment_portrait, flip=data.flip,
                                                    scale=(data.scale_min, data.scale_max),
-                                                   color_jitter=data.color_jitter))
+                                                   color_jitter=data.color_jitter), then=person_targets)
 
     def val_data(self):
         source = self._source("train" if self.cfg.data.overfit_one else "val")
-        return ([source[0]] if self.cfg.data.overfit_one else source), eval_portrait
+        return ([source[0]] if self.cfg.data.overfit_one else source), Transform(eval_portrait, then=person_targets)
 
     # --- loss and metrics (inside jit) ---
-    def _image_loss(self, logits, masks, target, target_valid):
-        """set_prediction_loss of one image whose single target is its person mask."""
+    def _image_loss(self, logits, masks, target_masks, target_classes, target_valid):
+        """set_prediction_loss of one image and its padded targets [T, H, W]."""
         loss_cfg = self.cfg.loss
         return losses.set_prediction_loss(
-            logits[None], masks[None], target[None, None], jnp.full((1, 1), PERSON, jnp.int32),
-            target_valid[None, None],
+            logits[None], masks[None], target_masks[None], target_classes[None], target_valid[None],
             no_object_weight=loss_cfg.no_object_weight, class_weight=loss_cfg.class_weight,
             mask_weight=loss_cfg.mask_weight, dice_weight=loss_cfg.dice_weight,
             cost_size=(loss_cfg.cost_size,) * 2 if loss_cfg.cost_size else None, match_method=loss_cfg.match_method)
@@ -257,13 +266,14 @@ class Task(TaskBase):
         logits = out["pred_logits"].astype(jnp.float32)
         masks = out["pred_masks"].astype(jnp.float32)
         image_ok = batch["valid"] & batch["image_ok"]
-        target = batch["mask"].astype(jnp.float32)
-        # An image without person pixels has no target: all its queries learn "no object".
-        target_valid = image_ok & (target.sum(axis=(1, 2)) > 0)
+        # An image without a valid target (no person pixels) trains all its queries as "no object".
+        target_valid = image_ok[:, None] & batch["label_valid"]
         # Per image, so that padded and unreadable examples drop out of every term, the
-        # classification included; the batch loss is the mean over usable images. With one target
-        # per image this equals the batch-normalised DETR loss whenever every image has a person.
-        per_image, parts = jax.vmap(self._image_loss)(logits, masks, target, target_valid)
+        # classification included; the batch loss is the mean over usable images, each normalised by
+        # its own number of targets. With one target per image this equals the batch-normalised DETR
+        # loss whenever every image has a person.
+        per_image, parts = jax.vmap(self._image_loss)(logits, masks, batch["mask_labels"].astype(jnp.float32),
+                                                      batch["class_labels"], target_valid)
         count = image_ok.sum()
         total = lambda x: jnp.where(image_ok, x, 0.0).sum()  # noqa: E731
         loss = total(per_image) / jnp.maximum(count, 1)
