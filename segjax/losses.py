@@ -1,8 +1,8 @@
 """Losses shared by the tasks. Inputs are logits (cast to float32 here) and integer targets."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -258,4 +258,4 @@ class Mask2FormerLoss:
             terms.append((loss_class, jnp.sum(bce * weight) / num_masks, jnp.sum(dice * weight) / num_masks))
         loss_class, loss_mask, loss_dice = (sum(parts) for parts in zip(*terms))
         loss = self.class_weight * loss_class + self.mask_weight * loss_mask + self.dice_weight * loss_dice
-        return loss, dict(loss_class=loss_class, loss_mask=loss_mask, loss_dice=loss_dice, num_masks=num_masks)
+        return loss, {"loss_class": loss_class, "loss_mask": loss_mask, "loss_dice": loss_dice, "num_masks": num_masks}

@@ -63,7 +63,9 @@ def test_point_sample_is_grid_sample(torch):
 def compared(torch):
     """Both losses with the same points: ours drawn from a key, handed to transformers' torch.rand."""
     from transformers import Mask2FormerConfig
-    from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss as HFLoss
+    from transformers.models.mask2former.modeling_mask2former import (
+        Mask2FormerLoss as HFLoss,
+    )
 
     sets, masks, classes, valid = _problem()
     pairs = min(Q, T)
@@ -78,7 +80,7 @@ def compared(torch):
     # transformers draws, per set: torch.rand(1, N, 2) per image (matching), then (boxes, 3N, 2)
     # and (boxes, N - uncertain, 2) over the matched pairs in its order (image, query ascending).
     def pair_order(s):
-        rows, cols, ok = (np.asarray(a) for a in matches[s])
+        rows, _, ok = (np.asarray(a) for a in matches[s])
         return [(b, k) for b in range(B) for k in sorted(np.flatnonzero(ok[b]), key=lambda k: rows[b, k])]
 
     queue = []
@@ -111,8 +113,8 @@ def compared(torch):
     finally:
         torch.rand = real_rand
     assert not queue
-    return dict(ours=ours, keyed=keyed, per_set=per_set, matches=matches, hf={k: float(v) for k, v in hf.items()},
-                hf_matches=hf_matches, weights=weights)
+    return {"ours": ours, "keyed": keyed, "per_set": per_set, "matches": matches, "hf_matches": hf_matches,
+            "hf": {k: float(v) for k, v in hf.items()}, "weights": weights}
 
 
 def test_matching_agrees_with_transformers(compared):

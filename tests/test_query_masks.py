@@ -240,7 +240,7 @@ def test_padded_targets_give_the_one_person_loss(data_dir):
     expected.backward()
     np.testing.assert_allclose(float(loss), expected.item(), rtol=1e-5)
     for name, value in parts.items():
-        np.testing.assert_allclose(float(sums[name]), float(value), rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(float(sums[name]), value.item(), rtol=1e-5, err_msg=name)
     for ours, theirs in zip(grads, (t_logits.grad.numpy(), t_masks.grad.numpy())):
         assert np.abs(theirs).max() > 0
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
