@@ -159,6 +159,15 @@ def set_prediction_loss(
     return loss, parts
 
 
+def semantic_targets(labels: jnp.ndarray, num_classes: int) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Label maps [B, H, W] as padded set targets, one per class as transformers' Mask2Former
+    image processor makes them, with static shapes: masks [B, K, H, W] uint8 (slot k = class k),
+    classes [B, K] and valid [B, K] (the class is present). Other values (255 = ignore) are in no
+    mask, so ignored pixels are negatives of every target, as in the original."""
+    classes = jnp.arange(num_classes, dtype=jnp.int32)
+    masks = (labels[:, None].astype(jnp.int32) == classes[:, None, None]).astype(jnp.uint8)
+    return masks, jnp.broadcast_to(classes, (labels.shape[0], num_classes)), masks.any(axis=(2, 3))
+
 @dataclass(frozen=True)
 class Mask2FormerLoss:
     """Mask2Former's set criterion (transformers' `Mask2FormerLoss`), static-shaped for `jit`.
@@ -235,7 +244,8 @@ class Mask2FormerLoss:
         """The loss with each set's (matching, oversampled, fresh) points given (see `draw_points`)."""
         batch, num_queries, num_logits = sets[0][0].shape
         image_weight = jnp.ones(batch, jnp.float32) if image_weight is None else image_weight.astype(jnp.float32)
-        target_valid = target_valid.astype(bool) & (image_weight[:, None] > 0)
+        target_masks = jnp.asarray(target_masks)  # host arrays too (indexed by traced matches below)
+        target_valid = jnp.asarray(target_valid, bool) & (image_weight[:, None] > 0)
         classes = jnp.clip(target_classes, 0, num_logits - 2).astype(jnp.int32)
         num_masks = jnp.maximum(target_valid.sum(), 1).astype(jnp.float32)
         images = jnp.arange(batch)[:, None]

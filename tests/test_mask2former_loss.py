@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segjax.losses import Mask2FormerLoss
+from segjax.losses import Mask2FormerLoss, semantic_targets
 from segjax.ops.point_sample import point_sample
 
 B, Q, K, T = 2, 6, 4, 3  # images, queries, classes (+ "no object"), padded targets
@@ -72,8 +72,7 @@ def compared(torch):
     points = [CRITERION.draw_points(k, B, pairs) for k in jax.random.split(jax.random.key(0), SETS)]
     args = ([(jnp.asarray(c), jnp.asarray(m)) for c, m in sets], jnp.asarray(masks), jnp.asarray(classes),
             jnp.asarray(valid))
-    ours = jax.jit(CRITERION.loss_at_points)(*args, points)
-    keyed = jax.jit(CRITERION.__call__)(*args, jax.random.key(0))
+    keyed = jax.jit(CRITERION.__call__)(*args, jax.random.key(0))  # draws `points` from the same key
     per_set = [jax.jit(CRITERION.loss_at_points)([args[0][s]], *args[1:], [points[s]]) for s in range(SETS)]
     matches = [jax.jit(CRITERION.match)(*args[0][s], *args[1:], points[s][0]) for s in range(SETS)]
 
@@ -113,7 +112,7 @@ def compared(torch):
     finally:
         torch.rand = real_rand
     assert not queue
-    return {"ours": ours, "keyed": keyed, "per_set": per_set, "matches": matches, "hf_matches": hf_matches,
+    return {"keyed": keyed, "per_set": per_set, "matches": matches, "hf_matches": hf_matches,
             "hf": {k: float(v) for k, v in hf.items()}, "weights": weights}
 
 
@@ -131,13 +130,12 @@ def test_loss_agrees_with_transformers(compared):
         suffix = "" if s == 0 else f"_{s - 1}"
         for ours, theirs in names.items():
             np.testing.assert_allclose(float(parts[ours]), hf[theirs + suffix], rtol=1e-5, err_msg=f"{ours} set {s}")
-    loss, parts = compared["ours"]
+    # The sum over sets, with the points drawn from the key, is transformers' weighted total.
+    loss, parts = compared["keyed"]
     total = sum(value * compared["weights"][key.rsplit("_", 1)[0] if key[-1].isdigit() else key]
                 for key, value in hf.items())
     np.testing.assert_allclose(float(loss), total, rtol=1e-5)
     assert float(parts["num_masks"]) == 5.0
-    # Drawing the points from the key is the same computation.
-    np.testing.assert_allclose(float(compared["keyed"][0]), float(loss), rtol=1e-6)
 
 
 def test_empty_targets_train_the_class_loss_only():
@@ -145,7 +143,8 @@ def test_empty_targets_train_the_class_loss_only():
     valid[1] = False  # image 1 has no target at all
     args = ([(jnp.asarray(c), jnp.asarray(m)) for c, m in sets], jnp.asarray(masks), jnp.asarray(classes))
     loss_fn = jax.jit(lambda s, v, w: CRITERION(s, args[1], args[2], v, jax.random.key(1), image_weight=w))
-    loss, parts = loss_fn(args[0], jnp.zeros_like(valid), None)  # no target in the batch
+    everyone = jnp.ones(B)
+    loss, parts = loss_fn(args[0], jnp.zeros_like(valid), everyone)  # no target in the batch
     assert np.isfinite(float(loss)) and float(parts["loss_mask"]) == float(parts["loss_dice"]) == 0.0
     assert float(parts["num_masks"]) == 1.0
     # Every query of every set learns "no object": the class loss is its weighted cross-entropy.
@@ -156,7 +155,7 @@ def test_empty_targets_train_the_class_loss_only():
     np.testing.assert_allclose(float(parts["loss_class"]), expected, rtol=1e-5)
     np.testing.assert_allclose(float(loss), 2.0 * expected, rtol=1e-5)
     # No mask gradient reaches the image without targets; an image of weight 0 drops out entirely.
-    grads = jax.grad(lambda s: loss_fn(s, jnp.asarray(valid), None)[0])(args[0])
+    grads = jax.grad(lambda s: loss_fn(s, jnp.asarray(valid), everyone)[0])(args[0])
     assert all(float(jnp.abs(g[1][1]).sum()) == 0.0 and float(jnp.abs(g[1][0]).sum()) > 0 for g in grads)
     dropped = jax.grad(lambda s: loss_fn(s, jnp.asarray(valid), jnp.array([1.0, 0.0]))[0])(args[0])
     assert all(float(jnp.abs(g[0][1]).sum()) == 0.0 for g in dropped)
@@ -186,3 +185,20 @@ def test_bad_settings_are_refused():
         Mask2FormerLoss(importance_sample_ratio=1.5)
     with pytest.raises(ValueError, match="choose one of"):
         Mask2FormerLoss(match_method="greedy")
+
+
+def test_semantic_targets_are_the_image_processors_masks(torch):
+    from transformers.models.mask2former.image_processing_mask2former import (
+        convert_segmentation_map_to_binary_masks_fast,
+    )
+
+    labels = np.random.default_rng(0).choice([0, 2, 3, 255], size=(2, 6, 7)).astype(np.uint8)
+    labels[1][labels[1] == 3] = 0  # class 3 absent from image 1
+    masks, classes, valid = jax.jit(semantic_targets, static_argnums=1)(jnp.asarray(labels), K)
+    assert masks.shape == (2, K, 6, 7) and masks.dtype == jnp.uint8
+    for b in range(2):
+        hf_masks, hf_classes = convert_segmentation_map_to_binary_masks_fast(torch.tensor(labels[b]), ignore_index=255)
+        present = np.asarray(valid[b])
+        np.testing.assert_array_equal(np.asarray(classes[b])[present], hf_classes.numpy())
+        np.testing.assert_array_equal(np.asarray(masks[b])[present], hf_masks.numpy())
+        assert not np.asarray(masks[b])[~present].any()

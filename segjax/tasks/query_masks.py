@@ -97,6 +97,12 @@ class QueryMaskLossConfig:
     dice_weight: float = flag(5.0)
     no_object_weight: float = 0.1  # class weight of "no object" in the classification loss
     cost_size: int = 0  # matching cost on masks resized to this square (saves memory); 0 = full size
+    # 0: matching and mask loss over every pixel, each image normalised by its own targets (hybrid_p3m).
+    # > 0: Mask2Former's criterion (segjax.losses.Mask2FormerLoss) at this many points (Mask2Former:
+    # 12544), importance-sampled, normalised by the batch's targets; points come from the step's key.
+    num_points: int = 0
+    oversample_ratio: float = 3.0  # with num_points: uniform candidates per point
+    importance_sample_ratio: float = 0.75  # with num_points: share of points taken where |logit| is least
     match_method: Literal["optax", "scipy"] = "optax"
     score_threshold: float = 0.5  # metrics: queries with a lower person probability are left out
     best_metric: Literal["miou", "loss"] = "miou"  # the checkpoint kept as best: max mIoU or min loss
@@ -125,6 +131,9 @@ def check(cfg) -> None:
     for key in ("class_weight", "mask_weight", "dice_weight", "no_object_weight", "cost_size"):
         if getattr(loss, key) < 0:
             raise ConfigError(f"loss.{key} must be >= 0, got {getattr(loss, key)}")
+    if loss.num_points < 0 or loss.oversample_ratio < 1 or not 0 <= loss.importance_sample_ratio <= 1:
+        raise ConfigError(f"need loss.num_points >= 0, loss.oversample_ratio >= 1 and 0 <= loss.importance_sample_ratio "
+                          f"<= 1, got {loss.num_points}, {loss.oversample_ratio}, {loss.importance_sample_ratio}")
     if not 0 <= loss.score_threshold < 1:
         raise ConfigError(f"loss.score_threshold must be within [0, 1), got {loss.score_threshold}")
 
@@ -261,27 +270,42 @@ class Task(TaskBase):
             mask_weight=loss_cfg.mask_weight, dice_weight=loss_cfg.dice_weight,
             cost_size=(loss_cfg.cost_size,) * 2 if loss_cfg.cost_size else None, match_method=loss_cfg.match_method)
 
-    def loss_and_sums(self, model: HybridQueryModel, batch: dict):
+    def _point_loss(self, logits, masks, batch, target_valid, key, image_ok):
+        """Mask2Former's criterion over the batch (loss.num_points > 0)."""
+        loss_cfg = self.cfg.loss
+        criterion = losses.Mask2FormerLoss(
+            class_weight=loss_cfg.class_weight, mask_weight=loss_cfg.mask_weight, dice_weight=loss_cfg.dice_weight,
+            no_object_weight=loss_cfg.no_object_weight, num_points=loss_cfg.num_points,
+            oversample_ratio=loss_cfg.oversample_ratio, importance_sample_ratio=loss_cfg.importance_sample_ratio,
+            match_method=loss_cfg.match_method)
+        return criterion([(logits, masks)], batch["mask_labels"], batch["class_labels"], target_valid, key,
+                         image_weight=image_ok)
+
+    def loss_and_sums(self, model: HybridQueryModel, batch: dict, key: jax.Array):
         out = model(batch["image"].astype(self.compute_dtype) / 255.0)  # uint8 travels, device normalises
         logits = out["pred_logits"].astype(jnp.float32)
         masks = out["pred_masks"].astype(jnp.float32)
         image_ok = batch["valid"] & batch["image_ok"]
         # An image without a valid target (no person pixels) trains all its queries as "no object".
         target_valid = image_ok[:, None] & batch["label_valid"]
-        # Per image, so that padded and unreadable examples drop out of every term, the
-        # classification included; the batch loss is the mean over usable images, each normalised by
-        # its own number of targets. With one target per image this equals the batch-normalised DETR
-        # loss whenever every image has a person.
-        per_image, parts = jax.vmap(self._image_loss)(logits, masks, batch["mask_labels"].astype(jnp.float32),
-                                                      batch["class_labels"], target_valid)
         count = image_ok.sum()
         total = lambda x: jnp.where(image_ok, x, 0.0).sum()  # noqa: E731
-        loss = total(per_image) / jnp.maximum(count, 1)
+        if self.cfg.loss.num_points:
+            loss, parts = self._point_loss(logits, masks, batch, target_valid, key, image_ok)
+            totals = {name: value * count for name, value in (("loss", loss), *parts.items())}
+        else:
+            # Per image, so that padded and unreadable examples drop out of every term, the
+            # classification included; the batch loss is the mean over usable images, each normalised
+            # by its own number of targets. With one target per image this equals the batch-normalised
+            # DETR loss whenever every image has a person.
+            per_image, parts = jax.vmap(self._image_loss)(logits, masks, batch["mask_labels"].astype(jnp.float32),
+                                                          batch["class_labels"], target_valid)
+            loss = total(per_image) / jnp.maximum(count, 1)
+            totals = {"loss": total(per_image), **{name: total(value) for name, value in parts.items()}}
         pred = combine_queries(logits, masks, PERSON, self.cfg.loss.score_threshold) > 0.5
         sums = {
             "count": count,
-            "loss": total(per_image),
-            **{name: total(parts[name]) for name in ("loss_class", "loss_mask", "loss_dice")},
+            **{name: totals[name] for name in ("loss", "loss_class", "loss_mask", "loss_dice")},
             "confusion": metrics.confusion_matrix(batch["mask"], pred, len(CLASS_NAMES), image_ok[:, None, None]),
             **record_sums(batch),
         }
