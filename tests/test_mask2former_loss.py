@@ -53,7 +53,8 @@ def test_point_sample_is_grid_sample(torch):
     np.testing.assert_allclose(point_sample(jnp.asarray(maps), jnp.asarray(points)), expected.numpy(), atol=2e-6)
     # Shared points broadcast over a leading axis; integer maps are interpolated in float32.
     shared = point_sample(jnp.asarray(maps), jnp.asarray(points[:, :1]))
-    np.testing.assert_allclose(shared, np.asarray(point_sample(jnp.asarray(maps), jnp.asarray(points[:, :1].repeat(3, 1)))))
+    repeated = point_sample(jnp.asarray(maps), jnp.asarray(points[:, :1].repeat(3, 1)))
+    np.testing.assert_allclose(shared, repeated)
     binary = (maps > 0).astype(np.uint8)
     np.testing.assert_allclose(point_sample(jnp.asarray(binary), jnp.asarray(points)),
                                point_sample(jnp.asarray(binary, jnp.float32), jnp.asarray(points)), atol=1e-7)

@@ -224,7 +224,8 @@ def fixed_batch(data_dir) -> tuple[dict, np.ndarray, np.ndarray]:
     batch = {k: np.stack([r[k] for r in records]) for k in records[0]}
     batch.update(valid=np.array([True, True, True, False]), image_ok=np.array([True, True, False, True]))
     rng = np.random.default_rng(0)
-    return batch, rng.normal(size=(4, 3, 2)).astype(np.float32), 3 * rng.normal(size=(4, 3, SIZE, SIZE)).astype(np.float32)
+    logits = rng.normal(size=(4, 3, 2)).astype(np.float32)
+    return batch, logits, 3 * rng.normal(size=(4, 3, SIZE, SIZE)).astype(np.float32)
 
 
 def _task_loss(task, batch, key=0):
@@ -264,8 +265,9 @@ def test_mask2former_criterion_option(data_dir, fixed_batch, tmp_path, capsys):
     (loss, sums), grads = _task_loss(task, batch)(logits, masks)
     usable = jnp.asarray(batch["valid"] & batch["image_ok"])
     expected, parts = losses.Mask2FormerLoss(num_points=16)(
-        [(jnp.asarray(logits), jnp.asarray(masks))], jnp.asarray(batch["mask_labels"]), jnp.asarray(batch["class_labels"]),
-        usable[:, None] & jnp.asarray(batch["label_valid"]), jax.random.key(0), image_weight=usable)
+        [(jnp.asarray(logits), jnp.asarray(masks))], jnp.asarray(batch["mask_labels"]),
+        jnp.asarray(batch["class_labels"]), usable[:, None] & jnp.asarray(batch["label_valid"]), jax.random.key(0),
+        image_weight=usable)
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
     np.testing.assert_allclose(float(sums["loss_mask"]), 2 * float(parts["loss_mask"]), rtol=1e-6)  # x 2 usable
     assert float(parts["num_masks"]) == 1.0  # image 0 only: 1 has no person, 2 and 3 are not usable

@@ -132,8 +132,9 @@ def check(cfg) -> None:
         if getattr(loss, key) < 0:
             raise ConfigError(f"loss.{key} must be >= 0, got {getattr(loss, key)}")
     if loss.num_points < 0 or loss.oversample_ratio < 1 or not 0 <= loss.importance_sample_ratio <= 1:
-        raise ConfigError(f"need loss.num_points >= 0, loss.oversample_ratio >= 1 and 0 <= loss.importance_sample_ratio "
-                          f"<= 1, got {loss.num_points}, {loss.oversample_ratio}, {loss.importance_sample_ratio}")
+        raise ConfigError(f"need loss.num_points >= 0, loss.oversample_ratio >= 1 and "
+                          f"0 <= loss.importance_sample_ratio <= 1, got {loss.num_points}, {loss.oversample_ratio}, "
+                          f"{loss.importance_sample_ratio}")
     if not 0 <= loss.score_threshold < 1:
         raise ConfigError(f"loss.score_threshold must be within [0, 1), got {loss.score_threshold}")
 
