@@ -28,7 +28,7 @@ def evaluate_checkpoint(path: str | Path, *, visualize: bool = True, overrides: 
     restored = restore_model(path, overrides=overrides, sharding=mesh_lib.replicated(mesh))
     task, step, ckpt_dir = restored.task, restored.step, restored.ckpt_dir
     cfg = task.cfg
-    eval_step = steps_lib.make_eval_step(restored.graphdef, task.loss_and_sums)
+    eval_step = steps_lib.make_eval_step(restored.graphdef, task.loss_and_sums, cfg.train.seed)
     out_dir = ckpt_dir.parent / "visualizations" / f"eval_step{step}"
 
     def draw(batch, outputs):

@@ -187,8 +187,9 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
         model_state = setup.init_weights(task, state.model_def, model_state, mesh_lib.replicated(mesh))
 
     # --- Steps -------------------------------------------------------------------------------------
-    train_step = steps_lib.make_train_step(state.model_def, state.opt_def, task.loss_and_sums, state.shardings)
-    eval_step = steps_lib.make_eval_step(state.eval_def, task.loss_and_sums)
+    train_step = steps_lib.make_train_step(state.model_def, state.opt_def, task.loss_and_sums, state.shardings,
+                                           cfg.train.seed)
+    eval_step = steps_lib.make_eval_step(state.eval_def, task.loss_and_sums, cfg.train.seed)
     vis_dir = run_dir / "visualizations"
 
     def validate(epoch: int) -> dict:

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from segjax import predict, tasks
+from segjax import losses, predict, tasks
 from segjax import train as train_cli
 from segjax.data.demo_portrait import write_portrait_demo
 from segjax.data.prepare import prepare_memmaps
@@ -171,16 +171,109 @@ def test_export_protocol_and_skip_safe_loss(data_dir):
     # An unreadable (or padded) example changes neither the loss nor the sums, whatever it holds.
     source, transform = task.val_data()
     records = [transform(source[i]) for i in range(2)]
-    batch = {k: np.stack([r[k] for r in records]) for k in ("image", "mask")}
+    batch = {k: np.stack([r[k] for r in records]) for k in records[0]}
     batch.update(valid=np.ones(2, bool), image_ok=np.array([True, False]))
-    noise = {**batch, "image": batch["image"].copy(), "mask": batch["mask"].copy()}
+    noise = {k: v.copy() for k, v in batch.items()}
     noise["image"][1] = np.random.default_rng(0).integers(0, 256, noise["image"][1].shape, dtype=np.uint8)
-    noise["mask"][1] = 1 - noise["mask"][1]
+    noise["mask"][1] = noise["mask_labels"][1, 0] = 1 - noise["mask"][1]
     graphdef, state = nnx.split(model)
-    step = jax.jit(lambda s, b: task.loss_and_sums(nnx.merge(graphdef, s), b))
+    step = jax.jit(lambda s, b: task.loss_and_sums(nnx.merge(graphdef, s), b, jax.random.key(0)))
     (loss, (sums, _)), (noise_loss, (noise_sums, _)) = step(state, batch), step(state, noise)
     assert np.isfinite(loss) and float(loss) == float(noise_loss)
     for key in ("loss", "loss_class", "loss_mask", "loss_dice", "confusion"):
         np.testing.assert_array_equal(sums[key], noise_sums[key])
     assert (int(sums["count"]), int(sums["records"]), int(sums["bad_records"])) == (1, 2, 1)
     assert int(np.asarray(sums["confusion"]).sum()) == SIZE * SIZE  # one image's pixels
+
+
+def _one_person_loss(torch, logits, masks, person, usable):
+    """hybrid_p3m's loss as it was before multi-instance targets, written directly in PyTorch: per
+    usable image, the person mask (when it has pixels) is matched to the query of least cost
+    2·(−p(person)) + 5·BCE + 5·Dice over all pixels; loss 2·CE (no object weighted 0.1) + 5·BCE +
+    5·Dice; the batch loss is the mean over usable images. Returns (loss, summed parts)."""
+    F = torch.nn.functional
+    total, parts = 0.0, dict.fromkeys(("loss_class", "loss_mask", "loss_dice"), 0.0)
+    for b in np.flatnonzero(usable):
+        t = torch.tensor(person[b], dtype=torch.float32).flatten()
+        x = masks[b].flatten(1)
+        p = x.sigmoid()
+        bce = F.binary_cross_entropy_with_logits(x, t.expand_as(x), reduction="none").mean(1)
+        dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum() + 1)
+        target = torch.ones(len(x), dtype=torch.long)  # "no object"
+        if t.any():
+            q = int(torch.argmin(-2 * logits[b].softmax(-1)[:, 0] + 5 * bce + 5 * dice))
+            target[q] = 0
+            bce_b, dice_b = bce[q], dice[q]
+        else:
+            bce_b = dice_b = torch.zeros(())
+        ce = F.cross_entropy(logits[b], target, weight=torch.tensor([1.0, 0.1]))
+        total = total + 2 * ce + 5 * bce_b + 5 * dice_b
+        for name, value in zip(parts, (ce, bce_b, dice_b)):
+            parts[name] = parts[name] + value
+    return total / len(np.flatnonzero(usable)), parts
+
+
+@pytest.fixture(scope="module")
+def fixed_batch(data_dir) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Four validation portraits as the task batches them (image 1 without person pixels, image 2
+    unreadable, image 3 padding) and random model outputs for them: 3 queries."""
+    cfg, _ = resolve_config(["--experiment", "hybrid_p3m", "--data_dir", str(data_dir), *TINY])
+    source, transform = tasks.build(cfg).val_data()
+    records = [transform(source[i % len(source)]) for i in range(4)]
+    records[1] = tasks.query_masks.person_targets({**records[1], "mask": np.zeros_like(records[1]["mask"])})
+    batch = {k: np.stack([r[k] for r in records]) for k in records[0]}
+    batch.update(valid=np.array([True, True, True, False]), image_ok=np.array([True, True, False, True]))
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 3, 2)).astype(np.float32)
+    return batch, logits, 3 * rng.normal(size=(4, 3, SIZE, SIZE)).astype(np.float32)
+
+
+def _task_loss(task, batch, key=0):
+    def loss_fn(logits, masks):
+        outputs = {"pred_logits": logits, "pred_masks": masks}
+        loss, (sums, _) = task.loss_and_sums(lambda images: outputs, batch, jax.random.key(key))
+        return loss, sums
+
+    return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
+
+
+def test_padded_targets_give_the_one_person_loss(data_dir, fixed_batch):
+    """hybrid_p3m through the multi-instance targets: the same loss, parts and output gradients
+    (hence parameter updates) as its one-person-mask formulation, on a fixed batch."""
+    torch = pytest.importorskip("torch")
+    cfg, _ = resolve_config(["--experiment", "hybrid_p3m", "--data_dir", str(data_dir), *TINY])
+    batch, logits, masks = fixed_batch
+    assert batch["mask_labels"].shape == (4, 1, SIZE, SIZE) and batch["label_valid"].tolist() == [[1], [0], [1], [1]]
+    (loss, sums), grads = _task_loss(tasks.build(cfg), batch)(logits, masks)
+    t_logits, t_masks = (torch.tensor(a, requires_grad=True) for a in (logits, masks))
+    expected, parts = _one_person_loss(torch, t_logits, t_masks, batch["mask"], batch["valid"] & batch["image_ok"])
+    expected.backward()
+    np.testing.assert_allclose(float(loss), expected.item(), rtol=1e-5)
+    for name, value in parts.items():
+        np.testing.assert_allclose(float(sums[name]), value.item(), rtol=1e-5, err_msg=name)
+    for ours, theirs in zip(grads, (t_logits.grad.numpy(), t_masks.grad.numpy())):
+        assert np.abs(theirs).max() > 0
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
+
+
+def test_mask2former_criterion_option(data_dir, fixed_batch, tmp_path, capsys):
+    """loss.num_points > 0: Mask2Former's point-sampled criterion, its points from the step's key."""
+    cfg, _ = resolve_config(["--experiment", "hybrid_p3m", "--data_dir", str(data_dir), *TINY,
+                             "--set", "loss.num_points=16"])
+    task = tasks.build(cfg)
+    batch, logits, masks = fixed_batch
+    (loss, sums), grads = _task_loss(task, batch)(logits, masks)
+    usable = jnp.asarray(batch["valid"] & batch["image_ok"])
+    expected, parts = losses.Mask2FormerLoss(num_points=16)(
+        [(jnp.asarray(logits), jnp.asarray(masks))], jnp.asarray(batch["mask_labels"]),
+        jnp.asarray(batch["class_labels"]), usable[:, None] & jnp.asarray(batch["label_valid"]), jax.random.key(0),
+        image_weight=usable)
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+    np.testing.assert_allclose(float(sums["loss_mask"]), 2 * float(parts["loss_mask"]), rtol=1e-6)  # x 2 usable
+    assert float(parts["num_masks"]) == 1.0  # image 0 only: 1 has no person, 2 and 3 are not usable
+    assert not np.asarray(grads[1][1:]).any()  # no mask gradient without a target
+    (again, _), _ = _task_loss(task, batch)(logits, masks)
+    (other, _), _ = _task_loss(task, batch, key=1)(logits, masks)
+    assert float(again) == float(loss) and float(other) != float(loss)
+    assert train_cli.main(argv(data_dir, tmp_path, "--set", "loss.importance_sample_ratio=2")) == 2
+    assert "0 <= loss.importance_sample_ratio <= 1" in capsys.readouterr().err

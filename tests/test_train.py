@@ -158,7 +158,8 @@ def test_train_step_leaves_state_unchanged_on_nan():
         def __call__(self, x):
             return self.norm(self.linear(x))
 
-    def loss_fn(model, batch):
+    def loss_fn(model, batch, key):
+        del key
         loss = (model(batch["x"]) ** 2).mean()
         return loss, ({"loss": loss}, {})
 
@@ -177,6 +178,28 @@ def test_train_step_leaves_state_unchanged_on_nan():
     assert int(sums["nonfinite_steps"]) == 0
     assert not np.array_equal(before["linear"]["kernel"], np.asarray(model_state["linear"]["kernel"]))
 
+
+
+def test_step_key_follows_the_seed_and_optimizer_step():
+    """Training steps draw from fold_in(key(seed), optimizer step), which checkpoints restore (exact
+    resume); evaluation always from key(seed)."""
+    model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+
+    def loss_fn(model, batch, key):
+        loss = (model(batch["x"]) ** 2).mean()
+        return loss, ({"loss": loss, "draw": jax.random.uniform(key)}, {})
+
+    model_def, model_state = nnx.split(model)
+    opt_def, opt_state = nnx.split(nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param))
+    train_step = steps_lib.make_train_step(model_def, opt_def, loss_fn, (None, None), seed=7)
+    batch = {"x": jnp.ones((2, 2))}
+    draws = []
+    for _ in range(2):
+        model_state, opt_state, sums = train_step(model_state, opt_state, batch)
+        draws.append(float(sums["draw"]))
+    assert draws == [float(jax.random.uniform(jax.random.fold_in(jax.random.key(7), i))) for i in range(2)]
+    eval_step = steps_lib.make_eval_step(model_def, loss_fn, seed=7)
+    assert float(eval_step(model_state, batch)[0]["draw"]) == float(jax.random.uniform(jax.random.key(7)))
 
 PARITY_SCRIPT = """
 import json, sys

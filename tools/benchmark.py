@@ -67,9 +67,10 @@ class Steps:
     def __init__(self, task, mesh: jax.sharding.Mesh, steps_per_epoch: int):
         setup = build_state(task, mesh, steps_per_epoch, task.cfg.train.epochs)
         self.model_state, self.opt_state, self.num_params = setup.model_state, setup.opt_state, setup.num_params
+        seed = task.cfg.train.seed
         self.train_step = steps_lib.make_train_step(setup.model_def, setup.opt_def, task.loss_and_sums,
-                                                    setup.shardings)
-        self.eval_step = steps_lib.make_eval_step(setup.eval_def, task.loss_and_sums)
+                                                    setup.shardings, seed)
+        self.eval_step = steps_lib.make_eval_step(setup.eval_def, task.loss_and_sums, seed)
 
     def train(self, batch: dict):
         self.model_state, self.opt_state, sums = self.train_step(self.model_state, self.opt_state, batch)

@@ -1,8 +1,11 @@
 """Jitted training and evaluation steps over split NNX state.
 
-A task supplies `loss_and_sums(model, batch) -> (loss, sums)` where `sums` is a dict of
-additive statistics (counts, summed losses, confusion matrices). The same function serves
-training (with gradients) and evaluation, so train and val metrics mean the same thing.
+A task supplies `loss_and_sums(model, batch, key) -> (loss, (sums, outputs))` where `sums` is a
+dict of additive statistics (counts, summed losses, confusion matrices). The same function serves
+training (with gradients) and evaluation, so train and val metrics mean the same thing. `key` is
+the step's JAX key for a loss that samples (Mask2Former's points): in training it is the run's
+seed folded with the optimizer's step count, which checkpoints restore, so `--resume` draws the
+same points; evaluation uses one fixed key, so every validation measures the same way.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-LossFn = Callable[[nnx.Module, dict], tuple[jnp.ndarray, dict]]
+LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jnp.ndarray, tuple[dict, dict]]]
 
 
 def make_optimizer(cfg, steps_per_epoch: int, epochs: int) -> tuple[optax.GradientTransformation, Callable]:
@@ -52,7 +55,7 @@ def _keep_old_unless(ok: jnp.ndarray, new, old_leaves: list):
     return jax.tree.unflatten(treedef, [jnp.where(ok, a, b) for a, b in zip(leaves, old_leaves)])
 
 
-def make_train_step(model_def, opt_def, loss_fn: LossFn, state_shardings):
+def make_train_step(model_def, opt_def, loss_fn: LossFn, state_shardings, seed: int = 0):
     """(model_state, opt_state, batch) -> (model_state, opt_state, sums), buffers donated.
 
     A step whose loss is NaN/inf leaves every state unchanged (BatchNorm statistics included)
@@ -64,7 +67,8 @@ def make_train_step(model_def, opt_def, loss_fn: LossFn, state_shardings):
         old_leaves = jax.tree.leaves((model_state, opt_state))
         model = nnx.merge(model_def, model_state)
         optimizer = nnx.merge(opt_def, opt_state)
-        (loss, (sums, _)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+        key = jax.random.fold_in(jax.random.key(seed), optimizer.step[...])
+        (loss, (sums, _)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, key)
         optimizer.update(model, grads)
         finite = jnp.isfinite(loss)
         new_model, new_opt = _keep_old_unless(finite, (nnx.state(model), nnx.state(optimizer)), old_leaves)
@@ -75,9 +79,9 @@ def make_train_step(model_def, opt_def, loss_fn: LossFn, state_shardings):
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=(*state_shardings, None))
 
 
-def make_eval_step(eval_model_def, loss_fn: LossFn):
+def make_eval_step(eval_model_def, loss_fn: LossFn, seed: int = 0):
     def step(model_state, batch):
-        return loss_fn(nnx.merge(eval_model_def, model_state), batch)[1]
+        return loss_fn(nnx.merge(eval_model_def, model_state), batch, jax.random.key(seed))[1]
 
     return jax.jit(step)
 

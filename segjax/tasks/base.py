@@ -56,9 +56,10 @@ class Task(Protocol):
 
     def val_data(self) -> tuple[Sequence, Callable[[Any], dict]]: ...
 
-    def loss_and_sums(self, model: nnx.Module, batch: dict) -> tuple[jax.Array, tuple[dict, dict]]:
-        """Inside jit: (loss, (sums, outputs)); `sums` are additive statistics including `records`
-        and `bad_records` (the trainer's health check), `outputs` what `visualize` draws."""
+    def loss_and_sums(self, model: nnx.Module, batch: dict, key: jax.Array) -> tuple[jax.Array, tuple[dict, dict]]:
+        """Inside jit: (loss, (sums, outputs)); `key` is the step's JAX key (segjax.engine.steps) for
+        a loss that samples; `sums` are additive statistics including `records` and `bad_records`
+        (the trainer's health check), `outputs` what `visualize` draws."""
 
     def summarize(self, sums: dict) -> dict:
         """Host sums -> metrics by name (floats are logged; `best_metric` among them)."""

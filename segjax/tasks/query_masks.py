@@ -3,7 +3,9 @@
 Data are square memmaps prepared by `tools/prepare_p3m.py` from P3M-10k (+ Supervisely Person), or
 the original PyTorch pipeline's float16 files, one person mask per image. The model predicts
 `num_queries` (class, mask) pairs; class 0 is "person" and index 1 "no object". Training uses the
-set-prediction loss with each image's mask as its single target.
+set-prediction loss on padded multi-instance targets from the data: per image `mask_labels`
+[T, H, W] (uint8), `class_labels` [T] and `label_valid` [T]; a portrait's are its person mask
+(T = 1, valid when it has person pixels), added by `person_targets`.
 
 Metric rule: the combined prediction of an image is, per pixel, the max over the queries whose
 person probability exceeds `loss.score_threshold` of sigmoid(mask logit) × person probability;
@@ -95,6 +97,12 @@ class QueryMaskLossConfig:
     dice_weight: float = flag(5.0)
     no_object_weight: float = 0.1  # class weight of "no object" in the classification loss
     cost_size: int = 0  # matching cost on masks resized to this square (saves memory); 0 = full size
+    # 0: matching and mask loss over every pixel, each image normalised by its own targets (hybrid_p3m).
+    # > 0: Mask2Former's criterion (segjax.losses.Mask2FormerLoss) at this many points (Mask2Former:
+    # 12544), importance-sampled, normalised by the batch's targets; points come from the step's key.
+    num_points: int = 0
+    oversample_ratio: float = 3.0  # with num_points: uniform candidates per point
+    importance_sample_ratio: float = 0.75  # with num_points: share of points taken where |logit| is least
     match_method: Literal["optax", "scipy"] = "optax"
     score_threshold: float = 0.5  # metrics: queries with a lower person probability are left out
     best_metric: Literal["miou", "loss"] = "miou"  # the checkpoint kept as best: max mIoU or min loss
@@ -123,6 +131,10 @@ def check(cfg) -> None:
     for key in ("class_weight", "mask_weight", "dice_weight", "no_object_weight", "cost_size"):
         if getattr(loss, key) < 0:
             raise ConfigError(f"loss.{key} must be >= 0, got {getattr(loss, key)}")
+    if loss.num_points < 0 or loss.oversample_ratio < 1 or not 0 <= loss.importance_sample_ratio <= 1:
+        raise ConfigError(f"need loss.num_points >= 0, loss.oversample_ratio >= 1 and "
+                          f"0 <= loss.importance_sample_ratio <= 1, got {loss.num_points}, {loss.oversample_ratio}, "
+                          f"{loss.importance_sample_ratio}")
     if not 0 <= loss.score_threshold < 1:
         raise ConfigError(f"loss.score_threshold must be within [0, 1), got {loss.score_threshold}")
 
@@ -172,6 +184,13 @@ def _resolve_data(data: QueryMaskDataConfig) -> QueryMaskDataConfig:
         if not data.memmap_dtype:  # sidecar-less files of the original pipeline are known by their tag
             updates.update(memmap_dtype=dtype, memmap_layout=STORAGE[dtype][1])
     return dataclasses.replace(data, **updates)
+
+
+def person_targets(record: dict) -> dict:
+    """The record with its person mask as the set loss's one padded target (invalid when empty)."""
+    mask = record["mask"]
+    return {**record, "mask_labels": mask[None], "class_labels": np.full(1, PERSON, np.int32),
+            "label_valid": np.asarray([mask.any()])}
 
 
 def combine_queries(pred_logits: jnp.ndarray, pred_masks: jnp.ndarray, class_index: int,
@@ -232,46 +251,62 @@ class Task(TaskBase):
         source = self._source("train")
         if data.overfit_one:
             # One record, repeated to fill a batch: training should drive its loss towards zero.
-            return [source[0]] * self.cfg.train.batch_size, Transform(eval_portrait, fixed=True)
+            return [source[0]] * self.cfg.train.batch_size, Transform(eval_portrait, then=person_targets,
+                                                                      fixed=True)
         return source, Transform(functools.partial(augment_portrait, flip=data.flip,
                                                    scale=(data.scale_min, data.scale_max),
-                                                   color_jitter=data.color_jitter))
+                                                   color_jitter=data.color_jitter), then=person_targets)
 
     def val_data(self):
         source = self._source("train" if self.cfg.data.overfit_one else "val")
-        return ([source[0]] if self.cfg.data.overfit_one else source), eval_portrait
+        return ([source[0]] if self.cfg.data.overfit_one else source), Transform(eval_portrait, then=person_targets)
 
     # --- loss and metrics (inside jit) ---
-    def _image_loss(self, logits, masks, target, target_valid):
-        """set_prediction_loss of one image whose single target is its person mask."""
+    def _image_loss(self, logits, masks, target_masks, target_classes, target_valid):
+        """set_prediction_loss of one image and its padded targets [T, H, W]."""
         loss_cfg = self.cfg.loss
         return losses.set_prediction_loss(
-            logits[None], masks[None], target[None, None], jnp.full((1, 1), PERSON, jnp.int32),
-            target_valid[None, None],
+            logits[None], masks[None], target_masks[None], target_classes[None], target_valid[None],
             no_object_weight=loss_cfg.no_object_weight, class_weight=loss_cfg.class_weight,
             mask_weight=loss_cfg.mask_weight, dice_weight=loss_cfg.dice_weight,
             cost_size=(loss_cfg.cost_size,) * 2 if loss_cfg.cost_size else None, match_method=loss_cfg.match_method)
 
-    def loss_and_sums(self, model: HybridQueryModel, batch: dict):
+    def _point_loss(self, logits, masks, batch, target_valid, key, image_ok):
+        """Mask2Former's criterion over the batch (loss.num_points > 0)."""
+        loss_cfg = self.cfg.loss
+        criterion = losses.Mask2FormerLoss(
+            class_weight=loss_cfg.class_weight, mask_weight=loss_cfg.mask_weight, dice_weight=loss_cfg.dice_weight,
+            no_object_weight=loss_cfg.no_object_weight, num_points=loss_cfg.num_points,
+            oversample_ratio=loss_cfg.oversample_ratio, importance_sample_ratio=loss_cfg.importance_sample_ratio,
+            match_method=loss_cfg.match_method)
+        return criterion([(logits, masks)], batch["mask_labels"], batch["class_labels"], target_valid, key,
+                         image_weight=image_ok)
+
+    def loss_and_sums(self, model: HybridQueryModel, batch: dict, key: jax.Array):
         out = model(batch["image"].astype(self.compute_dtype) / 255.0)  # uint8 travels, device normalises
         logits = out["pred_logits"].astype(jnp.float32)
         masks = out["pred_masks"].astype(jnp.float32)
         image_ok = batch["valid"] & batch["image_ok"]
-        target = batch["mask"].astype(jnp.float32)
-        # An image without person pixels has no target: all its queries learn "no object".
-        target_valid = image_ok & (target.sum(axis=(1, 2)) > 0)
-        # Per image, so that padded and unreadable examples drop out of every term, the
-        # classification included; the batch loss is the mean over usable images. With one target
-        # per image this equals the batch-normalised DETR loss whenever every image has a person.
-        per_image, parts = jax.vmap(self._image_loss)(logits, masks, target, target_valid)
+        # An image without a valid target (no person pixels) trains all its queries as "no object".
+        target_valid = image_ok[:, None] & batch["label_valid"]
         count = image_ok.sum()
         total = lambda x: jnp.where(image_ok, x, 0.0).sum()  # noqa: E731
-        loss = total(per_image) / jnp.maximum(count, 1)
+        if self.cfg.loss.num_points:
+            loss, parts = self._point_loss(logits, masks, batch, target_valid, key, image_ok)
+            totals = {name: value * count for name, value in (("loss", loss), *parts.items())}
+        else:
+            # Per image, so that padded and unreadable examples drop out of every term, the
+            # classification included; the batch loss is the mean over usable images, each normalised
+            # by its own number of targets. With one target per image this equals the batch-normalised
+            # DETR loss whenever every image has a person.
+            per_image, parts = jax.vmap(self._image_loss)(logits, masks, batch["mask_labels"].astype(jnp.float32),
+                                                          batch["class_labels"], target_valid)
+            loss = total(per_image) / jnp.maximum(count, 1)
+            totals = {"loss": total(per_image), **{name: total(value) for name, value in parts.items()}}
         pred = combine_queries(logits, masks, PERSON, self.cfg.loss.score_threshold) > 0.5
         sums = {
             "count": count,
-            "loss": total(per_image),
-            **{name: total(parts[name]) for name in ("loss_class", "loss_mask", "loss_dice")},
+            **{name: totals[name] for name in ("loss", "loss_class", "loss_mask", "loss_dice")},
             "confusion": metrics.confusion_matrix(batch["mask"], pred, len(CLASS_NAMES), image_ok[:, None, None]),
             **record_sums(batch),
         }

@@ -201,7 +201,8 @@ class Task(TaskBase):
         return self._data("val")
 
     # --- loss and metrics (inside jit) ---
-    def loss_and_sums(self, model: RoiHumanModel, batch: dict):
+    def loss_and_sums(self, model: RoiHumanModel, batch: dict, key: jax.Array):
+        del key  # the loss draws nothing
         if "features" in batch:
             inputs = batch["features"].astype(self.compute_dtype)
         else:

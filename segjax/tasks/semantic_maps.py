@@ -188,7 +188,8 @@ class Task(TaskBase):
     def val_data(self):
         return voc.SegmentationSource(self._pairs("val")), Transform(self._eval_example())
 
-    def loss_and_sums(self, model: nnx.Module, batch: dict):
+    def loss_and_sums(self, model: nnx.Module, batch: dict, key: jax.Array):
+        del key  # the loss draws nothing
         data, loss_cfg = self.cfg.data, self.cfg.loss
         num_classes = len(self.class_names)
         logits = model(batch["image"].astype(self.compute_dtype) / 255.0).astype(jnp.float32)
