@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 from collections import defaultdict
@@ -15,8 +14,6 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from segjax.data.errors import IMAGE_MISSING, DataError, SkipReport
-
-logger = logging.getLogger(__name__)
 
 PERSON = "person"
 # ROI target classes.

@@ -7,7 +7,6 @@ image, an image without its label, a label of another size and a label that is a
 """
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -16,8 +15,6 @@ from PIL import Image
 
 from segjax.data.demo import cached_demo, person_parts, random_colour, rasterise
 from segjax.data.roads import DEFAULT_SUFFIXES, IDD_LEVEL3, IGNORE
-
-logger = logging.getLogger(__name__)
 
 # Bump when the generated content changes, so cached copies are rewritten.
 ROADS_DEMO_VERSION = 1
