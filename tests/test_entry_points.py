@@ -18,6 +18,7 @@ from segjax.data.demo import write_coco_person_demo
 from segjax.data.errors import DataError
 from segjax.engine.setup import restore_model
 from segjax.export.runtime import make_session
+from segjax.tasks.base import Task
 from segjax.train import resolve_config, train_and_evaluate
 
 
@@ -35,6 +36,7 @@ def test_building_a_task_reads_no_data(experiment, paths, tmp_path, monkeypatch)
     for key, value in paths.items():
         cfg = override(cfg, key, value)
     task = tasks.build(cfg)
+    assert isinstance(task, Task)  # the contract's attributes and methods
     model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
     assert jax.tree.leaves(nnx.state(model)) and task.export_signature()
     with pytest.raises((DataError, FileNotFoundError)):  # the data are opened here, and found missing

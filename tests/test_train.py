@@ -131,6 +131,25 @@ def test_evaluate_table_and_json(straight, capsys):
     assert len(rows) == len(evaluate.expand(pattern)) >= 1
 
 
+def test_a_task_with_other_metrics_trains(data, tmp_path, monkeypatch, capsys):
+    """The trainer reads no metric by name: a task without mIoU, best by minimal Dice loss."""
+    from segjax import train
+    from segjax.tasks import roi_instance
+
+    class DiceOnly(roi_instance.Task):
+        best_metric, best_mode = "dice", "min"
+
+        def summarize(self, sums):
+            return {k: v for k, v in super().summarize(sums).items()
+                    if k not in ("miou", "mdice", "pixel_accuracy") and not k.startswith("iou_")}
+
+    monkeypatch.setattr(roi_instance, "Task", DiceOnly)
+    summary = run(tiny_argv(data, tmp_path, "--epochs", "1"))
+    assert "miou" not in summary["last_val"] and summary["best_step"] == summary["steps"]
+    train._print_summary(summary, "")
+    assert "dice" in capsys.readouterr().out
+
+
 def test_test_only_validates_without_training(straight, data, tmp_path):
     out = run(tiny_argv(data, tmp_path, "--test_only", "--init_from", straight["run_dir"]))
     assert out["last_val"]["rois"] > 0
