@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segjax import predict
+from segjax import predict, tasks
+from segjax.config import load_experiment, override
 from segjax.data.demo import write_voc_demo
 from segjax.engine.setup import restore_model
 from segjax.export.onnx import export
@@ -132,3 +133,27 @@ def test_bad_inputs_for_a_semantic_model(semantic, tmp_path, capsys):
         assert predict.main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and message in err[-1], err
+
+
+def test_roi_boxes_are_pasted_and_combined_by_the_maximum():
+    cfg = load_experiment("roi_human")
+    for key in ("train_ann", "val_ann", "train_img_dir", "val_img_dir"):
+        cfg = override(cfg, f"data.{key}", "unused")
+    task = tasks.build(override(cfg, "data.image_size", "64"))
+    image = np.full((100, 100, 3), 100, np.uint8)  # the legend takes the top left
+    boxes = np.array([[10, 45, 50, 75], [40, 50, 90.5, 70]], np.float32)  # overlapping at x 40..50
+    inputs, context = task.predict_inputs(image, side=64, boxes=boxes)
+    assert inputs["images"].shape == (1, 64, 64, 3) and inputs["images"].dtype == np.uint8
+    np.testing.assert_allclose(inputs["rois"][:2, 1:], boxes * 0.64)  # letterbox scale 64 / 100
+    np.testing.assert_array_equal(inputs["rois"][:, 0], 0)
+    logits = np.zeros((len(inputs["rois"]), 3, 56, 56), np.float32)
+    logits[0, 1] = 5.0  # the first box: this person, sure
+    logits[1, 2] = 3.0  # the second: other people, less sure
+    mask = task.postprocess([logits], context)
+    assert mask.shape == (100, 100)
+    assert (mask[45:75, 10:40] == 1).all() and (mask[50:70, 50:90] == 2).all()
+    assert (mask[50:70, 40:50] == 1).all()  # overlap: this person's 0.99 beats other people's 0.91
+    assert not mask[:45].any() and not mask[:, :10].any() and not mask[:, 91:].any() and not mask[76:].any()
+    overlaid = predict.overlay(image, mask, task.palette(), task.class_names).astype(int)
+    np.testing.assert_array_equal(overlaid[70, 20], (178, 50, 50))  # this person red
+    np.testing.assert_array_equal(overlaid[68, 80], (50, 50, 178))  # other people blue
