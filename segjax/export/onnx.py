@@ -102,7 +102,7 @@ def export(
         "normalization": NORMALIZATION if "images" in dict(specs) else "none: the inputs are features",
         "precision": precision,  # weights and arithmetic; inputs and outputs are float32
         "segjax_version": segjax_version(),
-        "config": config_lib.to_dict(task.cfg),  # rebuilds the task (segjax.predict --onnx)
+        "config": json.loads(config_lib.to_json(task.cfg)),  # rebuilds the task (segjax.predict --onnx)
     }
     onnx.helper.set_model_props(proto, {key: json.dumps(value) for key, value in metadata.items()})
     out_path = Path(out_path)
