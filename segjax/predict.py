@@ -96,6 +96,13 @@ def _images_nchw(images, xp=jnp):
     return xp.moveaxis(xp.asarray(images).astype(xp.float32) / 255.0, -1, 1)
 
 
+def _signature(task):
+    try:
+        return task.export_signature(task.predict_variant)
+    except ValueError as e:  # e.g. an ROI head on ONNX extractor features has no end-to-end variant
+        raise ConfigError(f"cannot predict with this model: {e}") from e
+
+
 def jax_runner(checkpoint: str):
     """(task, Runner) of a checkpoint, float32 arithmetic as exported."""
     restored = restore_model(checkpoint, overrides=["train.precision=fp32"])
@@ -111,13 +118,6 @@ def jax_runner(checkpoint: str):
               for name, fn in task.inference_stages()]
     side = _square_side(dict(signature)["images"], checkpoint)
     return task, Runner(names, side, functools.partial(jitted, state), stages)
-
-
-def _signature(task):
-    try:
-        return task.export_signature(task.predict_variant)
-    except ValueError as e:  # e.g. an ROI head on ONNX extractor features has no end-to-end variant
-        raise ConfigError(f"cannot predict with this model: {e}") from e
 
 
 def onnx_runner(path: str, checkpoint: str | None, providers: list[str]):
