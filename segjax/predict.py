@@ -1,146 +1,331 @@
-"""python -m segjax.predict --checkpoint C --image X [--image Y ...]: segment images with a trained model.
+"""python -m segjax.predict (--checkpoint RUN | --onnx MODEL) (--image X ... | --input_dir DIR): segment images.
 
-Each image is letterboxed to the model's input size; the per-pixel score of the chosen class is
-cropped back to the letterbox content, resized to the original size and thresholded. Written into
---out_dir: `<stem>_segmented.png` (the class kept, everything else black) and `<stem>_mask.png`
-(0 / 255). `--timing` prints the median inference time of each model part (compile excluded).
+Every image is letterboxed to the model's square input (one compiled shape for any image size),
+run through the task's export forward (`task.export_forward` of its `predict_variant`, in JAX
+with float32 arithmetic) or through the same forward exported to ONNX (`--onnx`, onnxruntime),
+and turned into a class per pixel at the image's own size by the task (`task.postprocess`). Both
+paths share the pre- and post-processing. An .onnx file written by tools/export_onnx.py carries
+its config, so `--onnx` needs no checkpoint; with one, its config is used.
 
---class_id counts classes from 1, as the original scripts do (0 would be the background):
-1 = person for hybrid_p3m. A task plugs in by providing `export_signature()` (its input size),
-`inference_stages()` ((name, fn(model, x)) pairs from float NHWC images in [0, 1] to its outputs)
-and `class_scores(outputs, class_id, score_threshold)` (per-pixel scores [B, H, W] in [0, 1]);
-for query models the score is the max over the queries of that class above --score_threshold of
-sigmoid(mask) × class probability (segjax.tasks.query_masks.combine_queries).
+Written into --out_dir, per image `<name>`: `<name>_mask.png`, the class indices as a palette PNG
+(the task's colours), and `<name>_overlay.png`, the class colours blended at alpha 0.5 into the
+image (classes named "background" left clear) with a legend of the classes present. Images of
+--input_dir (recursively) keep their relative folders.
+
+roi_human takes person boxes: `--boxes x1,y1,x2,y2` (repeatable, image pixels, for every image)
+or `--detections results.json`, a COCO detection-results list ({image_id, category_id,
+bbox [x, y, w, h], score}) of which the person entries (category 1) scoring at least
+--score_threshold are used. An image's detections are those whose image_id is its file stem: the
+number for digit stems (COCO's 000000471345.jpg is image 471345), else the stem text. Its mask
+marks this person (1, red) and other people (2, blue), every box's prediction combined by the
+maximum.
+
+An unreadable image is reported and skipped; the exit status is then 1 (usage errors: 2).
+`--timing` prints the median time of each model part (JAX; the whole model for tasks without
+parts, and for --onnx), compile excluded.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
-from segjax import cli
+from segjax import cli, tasks
+from segjax import config as config_lib
 from segjax.config import ConfigError
-from segjax.data.files import BadImage, read_rgb
-from segjax.data.transforms import resize_letterbox
+from segjax.data.errors import DataError
+from segjax.data.files import IMAGE_SUFFIXES, BadImage, read_rgb
 from segjax.engine.runlog import setup_console_logging
-from segjax.engine.setup import restore_model
+from segjax.engine.setup import checkpoint_config, restore_model
+
+PERSON_CATEGORY = 1  # COCO's person category id in detection results
+ALPHA = 0.5
 
 
-class Predictor:
-    """Jitted inference of one restored model: whole (class scores) or stage by stage (timing)."""
+class Runner:
+    """The task's predict forward on inputs by name: `images` uint8 NHWC, made float NCHW in
+    [0, 1] here, as the exported graph takes them. `side` is the model's input side."""
 
-    def __init__(self, task, graphdef: nnx.GraphDef, state: nnx.State):
-        self.state = state
-        stages = task.inference_stages()
-        self.stages = [(name, jax.jit(lambda s, x, fn=fn: fn(nnx.merge(graphdef, s), x))) for name, fn in stages]
-        _, shape = task.export_signature()[0][0]
-        self.size = shape[-1]
+    def __init__(self, names: list[str], side: int, forward: Callable, stages: list[tuple[str, Callable]]):
+        self.names, self.side, self.forward, self.stages = names, side, forward, stages
 
-        def scores(s, images, class_id, score_threshold):
-            model = nnx.merge(graphdef, s)
-            x = images.astype(jnp.float32) / 255.0
-            for _, fn in stages:
-                x = fn(model, x)
-            return task.class_scores(x, class_id, score_threshold)
+    def __call__(self, inputs: dict) -> list[np.ndarray]:
+        return [np.asarray(x) for x in self.forward(*(inputs[name] for name in self.names))]
 
-        self._scores = jax.jit(scores, static_argnums=(2,))
-
-    def letterbox(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-        """The model input [1, S, S, 3] uint8 and the (height, width) of its content box."""
-        boxed, scale = resize_letterbox(image, self.size)
-        height, width = image.shape[:2]
-        # The top-left box resize_letterbox fills (its rounding), the rest is padding.
-        content = tuple(min(self.size, max(1, round(n * scale))) for n in (height, width))
-        return boxed[None], content
-
-    def mask(self, image: np.ndarray, class_id: int, score_threshold: float, mask_threshold: float) -> np.ndarray:
-        """Boolean [H, W] mask of `class_id` at the image's own size."""
-        boxed, (content_h, content_w) = self.letterbox(image)
-        scores = np.asarray(self._scores(self.state, boxed, class_id, score_threshold))[0, :content_h, :content_w]
-        height, width = image.shape[:2]
-        # Scores resized (bilinearly) before thresholding give smoother edges than a resized mask.
-        resized = Image.fromarray(scores.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
-        return np.asarray(resized) > mask_threshold
-
-    def time_stages(self, image: np.ndarray, repeats: int) -> dict[str, float]:
-        """Median seconds of each stage on one letterboxed image; the first (compiling) call is not timed."""
-        x = jnp.asarray(self.letterbox(image)[0], jnp.float32) / 255.0
+    def time(self, inputs: dict, repeats: int) -> dict[str, float]:
+        """Median seconds of each stage, the first taking the float NHWC image (the whole forward
+        when there are none); first calls are not timed."""
+        if self.stages:
+            x = [jnp.asarray(inputs["images"], jnp.float32) / 255.0]
+        else:
+            x = [inputs[name] for name in self.names]
         medians = {}
-        for name, stage in self.stages:
-            out = jax.block_until_ready(stage(self.state, x))
+        for name, stage in self.stages or [("model", self.forward)]:
+            out = jax.block_until_ready(stage(*x))
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                jax.block_until_ready(stage(self.state, x))
+                jax.block_until_ready(stage(*x))
                 times.append(time.perf_counter() - start)
             medians[name] = statistics.median(times)
-            x = out
+            x = [out]
         return medians
 
 
-def save_outputs(image: np.ndarray, mask: np.ndarray, out_dir: Path, stem: str) -> tuple[Path, Path]:
-    segmented = np.where(mask[..., None], image, 0).astype(np.uint8)
-    paths = out_dir / f"{stem}_segmented.png", out_dir / f"{stem}_mask.png"
-    Image.fromarray(segmented).save(paths[0])
-    Image.fromarray(mask.astype(np.uint8) * 255).save(paths[1])
-    return paths
+def _square_side(shape, source: str) -> int:
+    height, width = shape[-2:]
+    if not isinstance(height, int) or height != width:
+        raise ConfigError(f"{source}: prediction needs a square image input, got {height}x{width}")
+    return height
+
+
+def _images_nchw(images, xp=jnp):
+    """uint8 NHWC images -> float32 NCHW in [0, 1] (xp: jax.numpy on device, numpy for onnxruntime)."""
+    return xp.moveaxis(xp.asarray(images).astype(xp.float32) / 255.0, -1, 1)
+
+
+def _signature(task):
+    try:
+        return task.export_signature(task.predict_variant)
+    except ValueError as e:  # e.g. an ROI head on ONNX extractor features has no end-to-end variant
+        raise ConfigError(f"cannot predict with this model: {e}") from e
+
+
+def jax_runner(checkpoint: str):
+    """(task, Runner) of a checkpoint, float32 arithmetic as exported."""
+    restored = restore_model(checkpoint, overrides=["train.precision=fp32"])
+    task, graphdef, state = restored.task, restored.graphdef, restored.state
+    signature, _ = _signature(task)
+    names = [name for name, _ in signature]
+
+    def forward(s, images, *rest):
+        return task.export_forward(nnx.merge(graphdef, s), _images_nchw(images), *rest, variant=task.predict_variant)
+
+    jitted = jax.jit(forward)
+    stages = [(name, functools.partial(jax.jit(lambda s, x, fn=fn: fn(nnx.merge(graphdef, s), x)), state))
+              for name, fn in task.inference_stages()]
+    side = _square_side(dict(signature)["images"], checkpoint)
+    return task, Runner(names, side, functools.partial(jitted, state), stages)
+
+
+def onnx_runner(path: str, checkpoint: str | None, providers: list[str]):
+    """(task, Runner) of an exported model; the task from `checkpoint`'s config, else the file's."""
+    from segjax.export.runtime import make_session, read_metadata
+
+    try:
+        session = make_session(path, prefer=providers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    meta = read_metadata(session)
+    if checkpoint:
+        cfg = checkpoint_config(checkpoint)[0]
+    elif isinstance(meta.get("config"), dict):
+        cfg = config_lib.from_dict(meta["config"])
+    else:
+        raise ConfigError(f"{path} carries no segjax config in its metadata (exported by an older segjax); "
+                          "give the run it came from with --checkpoint")
+    task = tasks.build(cfg)
+    if meta.get("variant") != task.predict_variant or meta.get("experiment") != cfg.experiment:
+        raise ConfigError(f"{path} is the {meta.get('variant')!r} variant of {meta.get('experiment')!r}; prediction "
+                          f"with {cfg.experiment!r} runs variant {task.predict_variant!r}")
+    if len(meta.get("class_names", ())) != len(task.class_names):
+        raise ConfigError(f"{path} has {len(meta.get('class_names', ()))} classes, the config "
+                          f"{len(task.class_names)}")
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    names = [name for name, _ in _signature(task)[0]]
+    if sorted(inputs) != sorted(names):
+        raise ConfigError(f"{path} takes inputs {sorted(inputs)}, the task {sorted(names)}")
+    outputs = [o.name for o in session.get_outputs()]
+
+    def forward(images, *rest):
+        feed = {"images": _images_nchw(images, np)} | dict(zip(names[1:], rest))
+        return session.run(outputs, feed)
+
+    return task, Runner(names, _square_side(inputs["images"], path), forward, [])
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    try:
+        x1, y1, x2, y2 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected x1,y1,x2,y2, got {text!r}") from None
+    if not (x2 > x1 and y2 > y1):
+        raise argparse.ArgumentTypeError(f"a box needs x2 > x1 and y2 > y1, got {text!r}")
+    return x1, y1, x2, y2
+
+
+def image_key(path: Path) -> int | str:
+    """What a COCO detection's image_id is matched against: the stem, as a number when digits."""
+    return int(path.stem) if path.stem.isdigit() else path.stem
+
+
+def read_detections(path: str, score_threshold: float) -> dict[int | str, np.ndarray]:
+    """Person boxes [N, 4] (x1, y1, x2, y2) by image_id from a COCO detection-results JSON."""
+    try:
+        entries = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read detections {path}: {e}") from e
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: a COCO detection-results file is a JSON list, got {type(entries).__name__}")
+    boxes: dict[int | str, list] = {}
+    for i, entry in enumerate(entries):
+        try:
+            if entry["category_id"] != PERSON_CATEGORY or entry.get("score", 1.0) < score_threshold:
+                continue
+            x, y, w, h = (float(v) for v in entry["bbox"])
+            key = entry["image_id"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{path}: entry {i} is not a detection ({{image_id, category_id, bbox, score}}): "
+                            f"{e!r}") from e
+        if w > 0 and h > 0:
+            boxes.setdefault(int(key) if str(key).isdigit() else key, []).append((x, y, x + w, y + h))
+    return {key: np.asarray(value, np.float32) for key, value in boxes.items()}
+
+
+def list_images(paths: list[str], input_dir: str | None) -> list[tuple[Path, Path]]:
+    """(image, output name without suffix): --image by stem, --input_dir by relative path."""
+    found = [(Path(p), Path(Path(p).stem)) for p in paths]
+    if input_dir:
+        root = Path(input_dir)
+        if not root.is_dir():
+            raise DataError(f"--input_dir {root} is not a directory")
+        found += [(p, p.relative_to(root).with_suffix("")) for p in sorted(root.rglob("*"))
+                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")]
+    names = [name for _, name in found]
+    repeated = sorted({str(n) for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"several inputs would write the same outputs: {', '.join(repeated[:5])}")
+    if not found:
+        raise DataError(f"no images found in {input_dir}")
+    return found
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, class_names) -> np.ndarray:
+    """Class colours blended at ALPHA where the class is not named background, and a legend."""
+    coloured = np.isin(mask, [i for i, name in enumerate(class_names) if name != "background"])
+    out = image.astype(np.float32)
+    out[coloured] = (1 - ALPHA) * out[coloured] + ALPHA * palette[mask[coloured]]
+    picture = Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
+    present = [int(c) for c in np.unique(mask[coloured])]
+    if present:
+        draw = ImageDraw.Draw(picture)
+        font = ImageFont.load_default(size=max(10, min(picture.size) // 30))
+        line = font.size + 4
+        width = max(draw.textlength(class_names[c], font=font) for c in present) + line + 12
+        draw.rectangle((0, 0, width, line * len(present) + 6), fill=(0, 0, 0))
+        for row, c in enumerate(present):
+            top = 4 + row * line
+            draw.rectangle((4, top, 4 + font.size, top + font.size), fill=tuple(int(v) for v in palette[c]))
+            draw.text((8 + font.size, top), class_names[c], fill=(255, 255, 255), font=font)
+    return np.asarray(picture)
+
+
+def save(mask: np.ndarray, overlaid: np.ndarray, palette: np.ndarray, out_dir: Path, name: Path) -> None:
+    (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+    indices = Image.fromarray(mask, mode="L").convert("P")
+    indices.putpalette(palette.reshape(-1).tolist())
+    indices.save(out_dir / f"{name}_mask.png")
+    Image.fromarray(overlaid).save(out_dir / f"{name}_overlay.png")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m segjax.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="run dir, checkpoints dir or step dir")
+    parser.add_argument("--onnx", help="an exported model (tools/export_onnx.py) to run with onnxruntime")
+    parser.add_argument("--provider", action="append", default=None,
+                        help="onnxruntime provider, in order of preference (repeatable; default cpu)")
+    parser.add_argument("--image", action="append", default=[], help="input image (repeatable)")
+    parser.add_argument("--input_dir", help="every image under this folder")
+    parser.add_argument("--experiment", help="check that the model belongs to this experiment")
+    parser.add_argument("--out_dir", default="predictions", help="where masks and overlays go")
+    parser.add_argument("--boxes", action="append", type=parse_box, default=[], metavar="x1,y1,x2,y2",
+                        help="roi_human: a person box in image pixels, for every image (repeatable)")
+    parser.add_argument("--detections", help="roi_human: COCO detection-results JSON with the person boxes")
+    parser.add_argument("--score_threshold", type=float, default=0.5, help="--detections: minimum score")
+    parser.add_argument("--timing", action="store_true", help="print median times of each model part")
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per part with --timing")
+    args = parser.parse_args(argv)
+    if not (args.checkpoint or args.onnx):
+        parser.error("give --checkpoint RUN or --onnx MODEL")
+    if not (args.image or args.input_dir):
+        parser.error("give --image or --input_dir")
+    if args.boxes and args.detections:
+        parser.error("--boxes and --detections exclude each other")
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    if args.provider and not args.onnx:
+        parser.error("--provider applies to --onnx")
+    return args
+
+
+def task_options(task, args) -> Callable[[Path], dict]:
+    """The task's predict options per image path (roi_human: its boxes)."""
+    asked = "boxes" if args.boxes or args.detections else None
+    if asked and asked not in task.predict_options:
+        raise ConfigError(f"--boxes/--detections apply to ROI models; {Path(task.cfg.experiment).stem} takes none")
+    if "boxes" not in task.predict_options:
+        return lambda path: {}
+    if not asked:
+        raise ConfigError(f"{Path(task.cfg.experiment).stem} segments people in boxes: give --boxes or --detections")
+    if args.boxes:
+        boxes = np.asarray(args.boxes, np.float32)
+        return lambda path: {"boxes": boxes}
+    detections = read_detections(args.detections, args.score_threshold)
+    return lambda path: {"boxes": detections.get(image_key(path), np.zeros((0, 4), np.float32))}
 
 
 @cli.guarded
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
-    parser = argparse.ArgumentParser(prog="python -m segjax.predict", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir")
-    parser.add_argument("--image", action="append", required=True, help="input image (repeatable)")
-    parser.add_argument("--experiment", help="check that the checkpoint belongs to this experiment")
-    parser.add_argument("--out_dir", default="predictions", help="where segmented images and masks go")
-    parser.add_argument("--class_id", type=int, default=1, help="class to segment, counted from 1 (1 = person)")
-    parser.add_argument("--score_threshold", type=float, default=0.5, help="queries less sure of the class are ignored")
-    parser.add_argument("--mask_threshold", type=float, default=0.5, help="pixels scoring above this are the class")
-    parser.add_argument("--timing", action="store_true", help="print median times of each model part")
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per part with --timing")
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
-    restored = restore_model(args.checkpoint)  # config from the checkpoint, weights on one device
-    task = restored.task
+    args = parse_args(argv)
+    task, runner = (onnx_runner(args.onnx, args.checkpoint, args.provider or ["cpu"]) if args.onnx
+                    else jax_runner(args.checkpoint))
     experiment = Path(task.cfg.experiment).stem
     if args.experiment and Path(args.experiment).stem != experiment:
-        raise ConfigError(f"{args.checkpoint} is a checkpoint of {experiment!r}, not {args.experiment!r}")
-    names = task.class_names
-    if not 1 <= args.class_id < len(names):
-        raise ConfigError(f"--class_id must be within 1..{len(names) - 1} ({', '.join(names[1:])}), "
-                          f"got {args.class_id}")
-    predictor = Predictor(task, restored.graphdef, restored.state)
+        raise ConfigError(f"{args.onnx or args.checkpoint} is a model of {experiment!r}, not {args.experiment!r}")
+    options = task_options(task, args)
+    images = list_images(args.image, args.input_dir)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    first = None
-    for path in args.image:
+    palette = task.palette()
+    failed, timed = 0, None
+    for path, name in tqdm(images, desc="predict", unit="image", dynamic_ncols=True, disable=len(images) < 2):
         try:
             image = read_rgb(path)
         except BadImage as e:  # the rest are still segmented
-            print(f"error: {e}", file=sys.stderr)
+            tqdm.write(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
-        first = image if first is None else first
-        mask = predictor.mask(image, args.class_id, args.score_threshold, args.mask_threshold)
-        segmented, mask_path = save_outputs(image, mask, out_dir, Path(path).stem)
-        print(f"{path}: {names[args.class_id]} covers {mask.mean():.1%}; wrote {segmented} and {mask_path}")
-    if args.timing and first is not None:
-        medians = predictor.time_stages(first, args.repeats)
-        print(f"median inference time over {args.repeats} runs, batch 1, {predictor.size}x{predictor.size}:")
+        inputs, context = task.predict_inputs(image, side=runner.side, **options(path))
+        mask = task.postprocess(runner(inputs), context)
+        save(mask, overlay(image, mask, palette, task.class_names), palette, out_dir, name)
+        timed = timed or inputs
+    done = len(images) - failed
+    print(f"{done} of {len(images)} images segmented into {out_dir}" + (f"; {failed} unreadable" if failed else ""))
+    if args.timing and timed is not None:
+        medians = runner.time(timed, args.repeats)
+        print(f"median inference time over {args.repeats} runs, batch 1, {runner.side}x{runner.side}:")
         for name, seconds in medians.items():
             print(f"  {name:<10} {seconds * 1e3:10.3f} ms")
-    return 2 if failed else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""What every entry point shares: a task is built without touching its data (export and restore
-work from a run directory alone), and a user's mistake is one line on stderr with exit status 2."""
+"""What every entry point shares: a task is built without touching its data (export, restore and
+prediction work from a run directory alone), and a user's mistake is one line on stderr with exit status 2."""
 import contextlib
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers import ROI_TINY, load_tool
+from PIL import Image
 
 from segjax import evaluate, predict, tasks, train
 from segjax.config import load_experiment, override
@@ -43,7 +45,7 @@ def test_building_a_task_reads_no_data(experiment, paths, tmp_path, monkeypatch)
         task.val_data()
 
 
-def test_export_and_restore_after_the_training_data_is_deleted(tmp_path):
+def test_export_restore_and_predict_after_the_training_data_is_deleted(tmp_path, realdata, capsys):
     data = write_coco_person_demo(tmp_path / "coco", num_train=4, num_val=2, image_size=(64, 64))
     flags = [f"--{k}={v}" for k, v in data.items()]
     cfg, _ = resolve_config(["--experiment", "roi_human", *flags, *ROI_TINY, "--epochs", "1", "--batch_size", "4",
@@ -66,6 +68,32 @@ def test_export_and_restore_after_the_training_data_is_deleted(tmp_path):
     (onnx_masks,) = make_session(out, prefer=("cpu",)).run(None, {"images": np.zeros((1, 3, 64, 64), np.float32),
                                                                   "rois": np.asarray(rois)})
     np.testing.assert_allclose(onnx_masks, np.moveaxis(np.asarray(masks), -1, 1), atol=1e-4)
+
+    # Prediction from the run (JAX, --boxes) and from the .onnx file alone (its detections JSON)
+    # on a real COCO photo: the same masks at the original size.
+    image = realdata / "super_gradients/tests/data/tinycoco/images/val2017/000000471345.jpg"
+    boxes = [(30.5, 40.0, 300.0, 470.0), (250.0, 20.0, 600.0, 400.0)]
+    detections = [{"image_id": 471345, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": 0.9}
+                  for x1, y1, x2, y2 in boxes]
+    detections += [{"image_id": 471345, "category_id": 1, "bbox": [0, 0, 640, 480], "score": 0.3},  # below 0.5
+                   {"image_id": 471345, "category_id": 3, "bbox": [0, 0, 640, 480], "score": 0.9},  # a car
+                   {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9}]  # another image
+    (tmp_path / "det.json").write_text(json.dumps(detections))
+    jax_argv = ["--checkpoint", str(run_dir), "--image", str(image), "--out_dir", str(tmp_path / "jax")]
+    assert predict.main([*jax_argv, *(f"--boxes={','.join(map(str, b))}" for b in boxes)]) == 0
+    assert predict.main(["--onnx", str(out), "--image", str(image), "--detections", str(tmp_path / "det.json"),
+                         "--out_dir", str(tmp_path / "onnx")]) == 0
+    mask = np.asarray(Image.open(tmp_path / "jax" / "000000471345_mask.png"))
+    np.testing.assert_array_equal(mask, np.asarray(Image.open(tmp_path / "onnx" / "000000471345_mask.png")))
+    assert mask.shape == (480, 640) and set(np.unique(mask)) <= {0, 1, 2}
+    assert not mask[:, 600:].any() and not mask[:20].any()  # outside every box: background
+    assert Image.open(tmp_path / "jax" / "000000471345_overlay.png").size == (640, 480)
+    # A model without boxes, or detections that are not a results list, are one-line errors.
+    assert predict.main(jax_argv) == 2
+    (tmp_path / "bad.json").write_text(json.dumps({"annotations": []}))
+    assert predict.main([*jax_argv, "--detections", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "give --boxes or --detections" in err[-2] and "is a JSON list" in err[-1], err
 
 
 def _main(name):

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 from helpers import ROI_TINY, load_tool
 
+from segjax import config as config_lib
 from segjax import serve_bench, tasks
 from segjax.export import onnx as onnx_export
 from segjax.export.onnx import export, format_report
@@ -136,6 +137,8 @@ def test_metadata_round_trip(fp16_export):
     assert meta["input_size"] == [48, 48] and meta["inputs"] == {"images": [2, 3, 48, 48]}
     assert meta["normalization"] == "RGB [0,1], ImageNet mean/std inside the graph"
     assert meta["precision"] == "fp16" and meta["segjax_version"] == onnx_export.segjax_version()
+    # The config that rebuilds the task (segjax.predict --onnx needs no checkpoint).
+    assert config_lib.from_dict(meta["config"]).data.class_names == tuple(meta["class_names"])
 
 
 def test_bad_requests_fail_before_exporting(roi, voc_task, tmp_path):

@@ -16,7 +16,12 @@ from PIL import Image
 from segjax import losses, predict, tasks
 from segjax import train as train_cli
 from segjax.data.demo_portrait import write_portrait_demo
+from segjax.data.files import read_rgb
 from segjax.data.prepare import prepare_memmaps
+from segjax.engine.setup import restore_model
+from segjax.export.onnx import export
+from segjax.tasks.base import class_map
+from segjax.tasks.query_masks import PERSON, combine_queries
 from segjax.train import resolve_config, train_and_evaluate
 
 # 64 px: at 32 the backbone's last stage is 1x1, where BatchNorm's batch statistics of a single
@@ -92,13 +97,44 @@ def test_predict_writes_outputs_at_the_original_size_and_times_parts(trained, tm
                        str(tmp_path / "odd.png"), "--out_dir", str(tmp_path / "out"), "--timing", "--repeats", "3"])
     assert rc == 0
     mask = np.asarray(Image.open(tmp_path / "out" / "odd_mask.png"))
-    segmented = np.asarray(Image.open(tmp_path / "out" / "odd_segmented.png"))
-    assert mask.shape == (37, 50) and set(np.unique(mask)) <= {0, 255}
-    assert segmented.shape == (37, 50, 3)
-    np.testing.assert_array_equal(segmented, np.where(mask[..., None] > 0, image, 0))
+    assert mask.shape == (37, 50) and set(np.unique(mask)) <= {0, 1}
+    assert np.asarray(Image.open(tmp_path / "out" / "odd_overlay.png")).shape == (37, 50, 3)
     out = capsys.readouterr().out
     times = {name: float(value) for name, value in re.findall(r"^\s+(backbone|fpn|decoder)\s+([\d.]+) ms$", out, re.M)}
     assert sorted(times) == ["backbone", "decoder", "fpn"] and all(t > 0 for t in times.values()), out
+
+
+def test_predict_mask_is_the_metric_rule_and_onnx_gives_the_same(trained, realdata, tmp_path):
+    """The class mask is the validation metric's prediction (combine_queries > 0.5) at the original
+    size; the exported model gives the same masks through onnxruntime (real P3M photos)."""
+    restored = restore_model(trained["run_dir"], overrides=["train.precision=fp32"])
+    task, model = restored.task, nnx.merge(restored.graphdef, restored.state)
+    export(task, model, tmp_path / "hybrid.onnx")
+    photos = realdata / "p3m" / "demo" / "imgs" / "original"
+    assert predict.main(["--checkpoint", trained["run_dir"], "--input_dir", str(photos), "--out_dir",
+                         str(tmp_path / "jax")]) == 0
+    assert predict.main(["--onnx", str(tmp_path / "hybrid.onnx"), "--input_dir", str(photos), "--out_dir",
+                         str(tmp_path / "onnx")]) == 0
+    for photo in sorted(photos.glob("*.jpg")):
+        mask = np.asarray(Image.open(tmp_path / "jax" / f"{photo.stem}_mask.png"))
+        onnx_mask = np.asarray(Image.open(tmp_path / "onnx" / f"{photo.stem}_mask.png"))
+        # The runtimes' scores differ within the export check's 1e-4: a pixel may flip only where its
+        # score is that close to the 0.5 threshold (found by moving the background's score by it).
+        image = read_rgb(photo)
+        inputs, context = task.predict_inputs(image, side=SIZE)
+        outputs = task.export_forward(model, jnp.moveaxis(jnp.asarray(inputs["images"], jnp.float32) / 255.0, -1, 1))
+        scores = task.class_scores(*(np.asarray(x)[0] for x in outputs))
+        low, high = (class_map(np.concatenate([scores[:1] + shift, scores[1:]]), context) for shift in (-1e-4, 1e-4))
+        decided = low == high
+        assert mask.shape == image.shape[:2] and decided.mean() > 0.999
+        np.testing.assert_array_equal(mask[decided], low[decided])
+        np.testing.assert_array_equal(onnx_mask[decided], low[decided])
+    # At the model's own size the mask is the metric's prediction, pixel for pixel.
+    image = np.asarray(Image.open(sorted(photos.glob("*.jpg"))[0]).convert("RGB").resize((SIZE, SIZE)))
+    inputs, context = task.predict_inputs(image, side=SIZE)
+    logits, masks = task.export_forward(model, jnp.moveaxis(jnp.asarray(inputs["images"], jnp.float32) / 255.0, -1, 1))
+    expected = np.asarray(combine_queries(logits, masks, PERSON, task.cfg.loss.score_threshold) > 0.5)[0]
+    np.testing.assert_array_equal(task.postprocess([np.asarray(logits), np.asarray(masks)], context), expected)
 
 
 def test_predict_reports_unreadable_images_and_bad_arguments(trained, tmp_path, capsys):
@@ -106,11 +142,8 @@ def test_predict_reports_unreadable_images_and_bad_arguments(trained, tmp_path, 
     Image.fromarray(np.full((20, 30, 3), 128, np.uint8)).save(tmp_path / "good.jpg")
     rc = predict.main(["--checkpoint", trained["run_dir"], "--image", str(tmp_path / "broken.jpg"),
                        "--image", str(tmp_path / "good.jpg"), "--out_dir", str(tmp_path / "out")])
-    assert rc == 2 and "broken.jpg: cannot decode" in capsys.readouterr().err
+    assert rc == 1 and "broken.jpg: cannot decode" in capsys.readouterr().err
     assert (tmp_path / "out" / "good_mask.png").is_file()  # the readable image is still segmented
-    assert predict.main(["--checkpoint", trained["run_dir"], "--image", str(tmp_path / "good.jpg"),
-                         "--class_id", "2"]) == 2
-    assert "--class_id must be within 1..1 (person)" in capsys.readouterr().err
     assert predict.main(["--checkpoint", trained["run_dir"], "--experiment", "roi_human",
                          "--image", str(tmp_path / "good.jpg")]) == 2
     assert predict.main(["--checkpoint", str(tmp_path / "nowhere"), "--image", str(tmp_path / "good.jpg")]) == 2

@@ -42,6 +42,7 @@ from jax2onnx import to_onnx
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from PIL import Image
 
+from segjax import config as config_lib
 from segjax.export.runtime import concrete_shape, make_session, random_inputs
 
 OPSET = 23
@@ -101,6 +102,7 @@ def export(
         "normalization": NORMALIZATION if "images" in dict(specs) else "none: the inputs are features",
         "precision": precision,  # weights and arithmetic; inputs and outputs are float32
         "segjax_version": segjax_version(),
+        "config": json.loads(config_lib.to_json(task.cfg)),  # rebuilds the task (segjax.predict --onnx)
     }
     onnx.helper.set_model_props(proto, {key: json.dumps(value) for key, value in metadata.items()})
     out_path = Path(out_path)

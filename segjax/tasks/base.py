@@ -26,6 +26,7 @@ from PIL import Image
 
 from segjax import metrics
 from segjax.config import ConfigError
+from segjax.data import transforms, voc
 
 
 class Unsupported(ConfigError):
@@ -79,12 +80,79 @@ class Task(Protocol):
     def export_forward(self, model: nnx.Module, *inputs: jax.Array, variant: str = "default") -> tuple[jax.Array, ...]:
         """NCHW float32 inputs (images in [0, 1]) -> NCHW outputs, as the PyTorch original."""
 
-    def predict_inputs(self, image: np.ndarray, **options) -> tuple[dict, Any]:
-        """One RGB uint8 image [H, W, 3] (with task options, e.g. boxes) -> (model inputs as a batch
-        of one, context for `postprocess`)."""
+    predict_variant: str  # the export variant prediction runs, in JAX and from an .onnx file
+    predict_options: tuple[str, ...]  # keyword options predict_inputs needs beyond `side` (e.g. boxes)
 
-    def postprocess(self, outputs: Any, context: Any) -> np.ndarray:
-        """The model's outputs for `predict_inputs` -> a class-index map at the image's own size."""
+    def predict_inputs(self, image: np.ndarray, *, side: int, **options) -> tuple[dict, Any]:
+        """One RGB uint8 image [H, W, 3] -> (the `predict_variant`'s export inputs by name, a batch
+        of one with `images` as uint8 NHWC of side `side`; context for `postprocess`)."""
+
+    def postprocess(self, outputs: Sequence[np.ndarray], context: Any) -> np.ndarray:
+        """The export outputs for `predict_inputs` -> a uint8 class-index map at the image's own size."""
+
+    def palette(self) -> np.ndarray:
+        """uint8 [256, 3] colours of the class indices, for prediction overlays."""
+
+    def inference_stages(self) -> list[tuple[str, Callable]]:
+        """(name, fn(model, x)) from float NHWC images in [0, 1] to the model's outputs, for
+        per-part timing; [] = the model as one part."""
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where an image sits in a model input of `side` × `side`: its top-left `content` (height,
+    width) box, the rest padding; `height` × `width` is its own size."""
+
+    height: int
+    width: int
+    side: int
+    content: tuple[int, int]
+    scale: float  # input pixels per image pixel
+
+
+def letterbox(image: np.ndarray, side: int) -> tuple[np.ndarray, Letterbox]:
+    """An RGB image letterboxed (as in evaluation) into a batch of one [1, side, side, 3] uint8."""
+    boxed, scale = transforms.resize_letterbox(image, side)
+    height, width = image.shape[:2]
+    content_h, content_w, _ = transforms.letterbox_size(height, width, side)
+    return boxed[None], Letterbox(height, width, side, (content_h, content_w), scale)
+
+
+def bilinear_axis(count: int, length: int, start: float, stop: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear sampling of `count` pixels spanning source coordinates [start, stop) of an axis of
+    `length` pixels (pixel centres, edges clamped): (lower index, upper index, upper weight)."""
+    centres = np.clip(start + (np.arange(count) + 0.5) * (stop - start) / count - 0.5, 0, length - 1)
+    low = np.floor(centres).astype(np.int64)
+    return low, np.minimum(low + 1, length - 1), (centres - low).astype(np.float32)
+
+
+def resample(scores: np.ndarray, rows: tuple, cols: tuple) -> np.ndarray:
+    """scores [K, h, w] sampled at `bilinear_axis` rows and columns -> [K, len(rows), len(cols)]."""
+    low, high, weight = rows
+    x = scores[:, low] * (1 - weight[:, None]) + scores[:, high] * weight[:, None]
+    low, high, weight = cols
+    return x[..., low] * (1 - weight) + x[..., high] * weight
+
+
+PIXEL_BUDGET = 1 << 24  # floats resampled at once by class_map: bounds its memory on large images
+
+
+def class_map(scores: np.ndarray, box: Letterbox) -> np.ndarray:
+    """The class (argmax, the first on ties) per pixel of the original image from per-class scores
+    [K, h, w] over the whole model input: cropped to the letterbox content, bilinearly resized to the
+    image's size, in bands of rows so that large images need little memory."""
+    _, h, w = scores.shape
+    stop_y, stop_x = box.content[0] * h / box.side, box.content[1] * w / box.side
+    scores = scores.astype(np.float32, copy=False)
+    cols = bilinear_axis(box.width, int(np.ceil(stop_x)), 0.0, stop_x)
+    out = np.empty((box.height, box.width), np.uint8)
+    band = max(1, PIXEL_BUDGET // (len(scores) * box.width))
+    for top in range(0, box.height, band):
+        bottom = min(box.height, top + band)
+        rows = bilinear_axis(bottom - top, int(np.ceil(stop_y)), top * stop_y / box.height,
+                             bottom * stop_y / box.height)
+        out[top:bottom] = resample(scores, rows, cols).argmax(0)
+    return out
 
 
 @dataclass(frozen=True)
@@ -206,8 +274,20 @@ class TaskBase:
     def export_forward(self, model: nnx.Module, *inputs: jax.Array, variant: str = "default"):
         raise self._unsupported("ONNX export")
 
-    def predict_inputs(self, image: np.ndarray, **options) -> tuple[dict, Any]:
+    predict_variant: ClassVar[str] = "default"
+    predict_options: ClassVar[tuple[str, ...]] = ()
+
+    def predict_inputs(self, image: np.ndarray, *, side: int, **options) -> tuple[dict, Any]:
+        """The image letterboxed (segjax.tasks.base.letterbox) as `images`."""
+        images, box = letterbox(image, side)
+        return {"images": images}, box
+
+    def postprocess(self, outputs: Sequence[np.ndarray], context: Any) -> np.ndarray:
         raise self._unsupported("prediction")
 
-    def postprocess(self, outputs: Any, context: Any) -> np.ndarray:
-        raise self._unsupported("prediction")
+    def palette(self) -> np.ndarray:
+        """PASCAL VOC's colours."""
+        return voc.voc_palette()
+
+    def inference_stages(self) -> list[tuple[str, Callable]]:
+        return []

@@ -36,7 +36,7 @@ from segjax.data.errors import DataError
 from segjax.data.memmap import STORAGE, MemmapSource, read_sidecar, storage_names
 from segjax.data.transforms import augment_portrait, eval_portrait
 from segjax.models.hybrid import SIZES, HybridQueryModel
-from segjax.tasks.base import TaskBase, Transform, record_sums, sized
+from segjax.tasks.base import Letterbox, TaskBase, Transform, class_map, record_sums, sized
 
 log = logging.getLogger("segjax")
 
@@ -344,6 +344,24 @@ class Task(TaskBase):
                 ("fpn", lambda model, features: model.fpn(features)),
                 ("decoder", lambda model, pyramid: model.decoder(pyramid[0], size))]
 
-    def class_scores(self, outputs: dict, class_id: int, score_threshold: float) -> jnp.ndarray:
-        """Per-pixel score [B, H, W] in [0, 1] of class_names[class_id] (combine_queries)."""
-        return combine_queries(outputs["pred_logits"], outputs["pred_masks"], class_id - 1, score_threshold)
+    # --- prediction (segjax.predict) ---
+    def palette(self) -> np.ndarray:
+        """VOC's colours with the person in red, as in the visualisations."""
+        palette = super().palette()
+        palette[1] = (255, 0, 0)
+        return palette
+
+    def class_scores(self, pred_logits: np.ndarray, pred_masks: np.ndarray) -> np.ndarray:
+        """Per-pixel scores [len(class_names), h, w] of one image's (class logits [Q, C + 1], mask
+        logits [Q, h, w]), the metric rule: background a constant 0.5, class c + 1 the
+        `combine_queries` score of the model's class c."""
+        classes = pred_logits.shape[-1] - 1
+        scores = [np.asarray(combine_queries(pred_logits[None], pred_masks[None], c, self.cfg.loss.score_threshold))[0]
+                  for c in range(classes)]
+        return np.stack([np.full_like(scores[0], 0.5), *scores])
+
+    def postprocess(self, outputs, context: Letterbox) -> np.ndarray:
+        """The class of the highest `class_scores`, bilinearly resized to the image's size: a pixel is
+        a class where its score exceeds 0.5 (the background's)."""
+        pred_logits, pred_masks = outputs
+        return class_map(self.class_scores(pred_logits[0], pred_masks[0]), context)

@@ -11,12 +11,13 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from scipy.special import softmax
 
 from segjax import losses, metrics
 from segjax.config import ConfigError, flag
@@ -24,7 +25,7 @@ from segjax.data import coco, demo, prepare, transforms
 from segjax.data.errors import DataError
 from segjax.data.feature_cache import OnnxFeatureExtractor
 from segjax.models.roi_head import SIZES, RoiHumanModel, roi_human_model
-from segjax.tasks.base import TaskBase, Transform, sized
+from segjax.tasks.base import TaskBase, Transform, bilinear_axis, letterbox, resample, sized
 
 log = logging.getLogger("segjax")
 
@@ -260,6 +261,51 @@ class Task(TaskBase):
         x = jnp.moveaxis(inputs, 1, -1)
         masks = model.head(x, rois) if variant == "default" else model(x, rois)
         return (jnp.moveaxis(masks, -1, 1),)
+
+    # --- prediction (segjax.predict): the end-to-end model on the letterboxed image ---
+    predict_variant = "end_to_end"
+    predict_options = ("boxes",)
+
+    def palette(self) -> np.ndarray:
+        palette = np.zeros((256, 3), np.uint8)
+        for cls, colour in OVERLAY_COLOURS.items():
+            palette[cls] = colour
+        return palette
+
+    def predict_inputs(self, image: np.ndarray, *, side: int, boxes: np.ndarray) -> tuple[dict, Any]:
+        """`images` and `rois` [K, 5] of the person `boxes` [N, 4] (x1, y1, x2, y2 in image pixels);
+        K is N rounded up to a power of two (dummy boxes after them) so that few ROI counts compile."""
+        images, box = letterbox(image, side)
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        rois = np.zeros((1 << max(len(boxes) - 1, 0).bit_length(), 5), np.float32)
+        rois[:, 3:] = 1.0
+        rois[:len(boxes), 1:] = boxes * box.scale
+        return {"images": images, "rois": rois}, (box, boxes)
+
+    def postprocess(self, outputs, context) -> np.ndarray:
+        """Each box's class probabilities bilinearly pasted into it, combined over boxes by the
+        maximum per class (background 1 outside every box), then the most likely class."""
+        box, boxes = context
+        probs = softmax(outputs[0][:len(boxes)], axis=1)
+        canvas = np.zeros((len(CLASS_NAMES), box.height, box.width), np.float32)
+        canvas[0] = 1.0
+        covered = np.zeros((box.height, box.width), bool)
+        for (x1, y1, x2, y2), prob in zip(boxes, probs):
+            left, top = max(int(np.floor(x1)), 0), max(int(np.floor(y1)), 0)
+            right, bottom = min(int(np.ceil(x2)), box.width), min(int(np.ceil(y2)), box.height)
+            if right <= left or bottom <= top:
+                continue
+            size = prob.shape[-1]
+            pasted = resample(prob, bilinear_axis(bottom - top, size, (top - y1) / (y2 - y1) * size,
+                                                  (bottom - y1) / (y2 - y1) * size),
+                              bilinear_axis(right - left, size, (left - x1) / (x2 - x1) * size,
+                                            (right - x1) / (x2 - x1) * size))
+            region = canvas[:, top:bottom, left:right]
+            first = ~covered[top:bottom, left:right]
+            region[:, first] = pasted[:, first]  # the first box here replaces the outside's background
+            region[...] = np.maximum(region, pasted)
+            covered[top:bottom, left:right] = True
+        return canvas.argmax(0).astype(np.uint8)
 
 
 def overlay_roi_prediction(image: np.ndarray, box: np.ndarray, pred: np.ndarray, alpha: float = 0.5) -> np.ndarray:

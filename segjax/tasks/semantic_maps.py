@@ -23,7 +23,7 @@ from segjax.config import ConfigError, flag
 from segjax.data import demo, transforms, voc
 from segjax.data.prepare import load_class_names
 from segjax.models.semantic_models import SEMANTIC_MODELS
-from segjax.tasks.base import TaskBase, Transform
+from segjax.tasks.base import Letterbox, TaskBase, Transform, class_map
 
 log = logging.getLogger("segjax")
 
@@ -230,3 +230,8 @@ class Task(TaskBase):
     def export_forward(self, model: nnx.Module, images: jax.Array, *, variant: str = "default") -> tuple[jax.Array]:
         """NCHW images in [0, 1] -> (logits NCHW,)."""
         return (jnp.moveaxis(model(jnp.moveaxis(images, 1, -1)), -1, 1),)
+
+    # --- prediction (segjax.predict) ---
+    def postprocess(self, outputs, context: Letterbox) -> np.ndarray:
+        """The class of the largest logit, bilinearly resized to the image's size."""
+        return class_map(outputs[0][0], context)
