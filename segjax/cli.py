@@ -16,9 +16,10 @@ from segjax import config as config_lib
 from segjax import tasks
 from segjax.config import ConfigError
 from segjax.data.errors import DataError
+from segjax.engine.checkpoint import CheckpointError
 
-# A user's mistake rather than a bug: one line, exit status 2.
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
+# A user's mistake (or a damaged checkpoint) rather than a bug: one line, exit status 2.
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, CheckpointError)
 
 
 def guarded(main: Callable[..., int]) -> Callable[..., int]:

@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import json
 import math
+import re
 import sys
 import types
 import typing
@@ -67,6 +68,7 @@ class TrainConfig:
     eval_batch_size: int = 0  # 0 = batch_size
     seed: int = flag(0)
     precision: Literal["fp32", "bf16"] = flag("fp32")  # compute dtype; params, BN stats, loss stay f32
+    remat: tuple[str, ...] = ()  # regexes over module paths: recompute their activations (saves memory)
     num_workers: int = flag(0)  # grain worker processes; 0 = read in the training process
     validate_every: int = flag(1)  # epochs
     save_every: int = flag(1)  # epochs; the last epoch is always saved
@@ -87,6 +89,20 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh and parameter sharding (README "Scaling out"). Axis sizes multiply to the device
+    count; -1 = the devices left over. The batch is split over `data` x `fsdp`."""
+    data: int = -1
+    fsdp: int = 1
+    model: int = 1
+    # Ordered "REGEX=RULE" over parameter paths ("backbone/stages/0/conv/kernel"), applied to params,
+    # model state and optimizer state alike; the first match wins, unmatched tensors are replicated.
+    # RULE: replicate | fsdp (the largest dimension divisible by the fsdp size) | shard_dim:DIM:AXIS.
+    sharding: tuple[str, ...] = (".*=fsdp",)
+    min_shard_bytes: int = 4 << 20  # the fsdp rule leaves smaller tensors replicated
+
+
+@dataclass(frozen=True)
 class Config:
     experiment: str
     task: str  # module in segjax.tasks that supplies model, loss, metrics and data
@@ -95,6 +111,7 @@ class Config:
     loss: Any
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
 def _experiments_package() -> types.ModuleType:
@@ -186,7 +203,10 @@ def _parse_value(text: str, annotation: Any, key: str) -> Any:
         return _parse_value(text, inner[0], key)
     if origin is tuple:
         (item_type, *_) = typing.get_args(annotation)
-        parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
+        text = text.strip()
+        if text.startswith("(") and text.endswith(")"):  # only the outer pair: a regex keeps its groups
+            text = text[1:-1]
+        parts = [p for p in text.split(",") if p.strip()]
         return tuple(_parse_value(p.strip(), item_type, key) for p in parts)
     try:
         if annotation is bool:
@@ -294,6 +314,22 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"optim.min_lr ({cfg.optim.min_lr}) must not exceed optim.lr ({cfg.optim.lr})")
     if not 0 <= cfg.train.max_bad_record_ratio <= 1:
         raise ConfigError("train.max_bad_record_ratio must be within [0, 1]")
+    for axis in ("data", "fsdp", "model"):
+        if getattr(cfg.mesh, axis) == 0 or getattr(cfg.mesh, axis) < -1:
+            raise ConfigError(f"mesh.{axis} must be >= 1 or -1 (the devices left over), got {getattr(cfg.mesh, axis)}")
+    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.model].count(-1) > 1:
+        raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.model may be -1")
+    from segjax.engine.sharding import parse_rules  # the rule syntax has one home
+
+    try:
+        parse_rules(cfg.mesh.sharding)
+    except ValueError as e:
+        raise ConfigError(f"mesh.sharding: {e}") from None
+    for pattern in cfg.train.remat:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"train.remat: {pattern!r} is not a regex ({e})") from None
     if cfg.train.test_only and not (cfg.train.resume or cfg.train.init_from):
         raise ConfigError("test_only needs a checkpoint: pass --resume PATH or --init_from PATH")
     return cfg

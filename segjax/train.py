@@ -21,9 +21,9 @@ from segjax import config as config_lib
 from segjax.data import pipeline
 from segjax.data.errors import DataError
 from segjax.engine import mesh as mesh_lib
-from segjax.engine import setup
+from segjax.engine import preemption, setup
 from segjax.engine import steps as steps_lib
-from segjax.engine.checkpoint import Checkpointer, latest_run
+from segjax.engine.checkpoint import Checkpointer, find_checkpoint_dir, latest_run
 from segjax.engine.runlog import RunLog, setup_console_logging
 
 log = logging.getLogger("segjax")
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--coordinator_address", help="host:port of process 0; omit to auto-detect SLURM/MPI")
     group.add_argument("--num_processes", type=int)
     group.add_argument("--process_id", type=int)
+    group.add_argument("--heartbeat_timeout", type=int, default=100, metavar="SECONDS",
+                       help="a process silent this long (dead or stalled) makes the others fail")
     return parser
 
 
@@ -56,8 +58,10 @@ def resolve_config(argv: list[str], *, demo: bool = True) -> tuple[config_lib.Co
     base = config_lib.load_experiment(args.experiment)
     run_root = dict(pairs).get("train.run_root", base.train.run_root)
     path = latest_run(run_root, base.experiment) if args.resume == "latest" else args.resume
-    cfg, ckpt_dir, _ = setup.checkpoint_config(path, best=False)
-    return cli.checked(config_lib.apply(cfg, pairs + [("train.resume", str(ckpt_dir))])), args
+    cfg, ckpt_dir, step = setup.checkpoint_config(path, best=False)
+    # A step named in the path stays in it: resume from that step, not from the latest.
+    resume = ckpt_dir / str(step) if find_checkpoint_dir(path)[1] is not None else ckpt_dir
+    return cli.checked(config_lib.apply(cfg, pairs + [("train.resume", str(resume))])), args
 
 
 def models_to_train(cfg: config_lib.Config, args: argparse.Namespace) -> list[config_lib.Config]:
@@ -146,11 +150,11 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
 
     # --- Task, mesh, data, run directory -------------------------------------------------------
     task = tasks.build(cfg)
-    mesh = mesh_lib.make_data_mesh()
+    mesh = mesh_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.model)
     local_batch = mesh_lib.check_batch_size(cfg.train.batch_size, mesh)
     train_source, train_transform = task.train_data()
     cfg = task.cfg  # data paths (demo data written if none were given) and values found in the data
-    resume_dir = Path(cfg.train.resume) if cfg.train.resume else None
+    resume_dir, resume_step = find_checkpoint_dir(cfg.train.resume) if cfg.train.resume else (None, None)
     run_dir = resume_dir.parent if resume_dir and not cfg.train.test_only else _new_run_dir(cfg, task.best_metric)
     runlog = RunLog(run_dir)
     if runlog.enabled:
@@ -159,16 +163,17 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
     steps_per_epoch = len(train_source) // cfg.train.batch_size
     if steps_per_epoch == 0:
         raise DataError(f"{len(train_source)} training records is less than one batch of {cfg.train.batch_size}")
-    train_iter = iter(pipeline.train_dataset(train_source, train_transform, local_batch=local_batch,
-                                             seed=cfg.train.seed, num_workers=cfg.train.num_workers))
 
-    # --- Model and optimizer (replicated over the mesh) --------------------------------------------
-    start_epoch, step = 0, 0
+    # --- Model and optimizer (sharded over the mesh by `cfg.mesh`) ---------------------------------
+    start_epoch, step, meta = 0, 0, {}
     total_epochs = cfg.train.epochs
     checkpointer = Checkpointer(run_dir / cfg.train.checkpoint_subdir if not resume_dir else resume_dir,
                                 best_metric=task.best_metric, best_mode=task.best_mode,
                                 read_only=cfg.train.test_only)
-    resume_step = checkpointer.latest_step() if resume_dir else None
+    if resume_dir and resume_step is None:
+        resume_step = checkpointer.latest_step()
+    elif resume_dir and not cfg.train.test_only:
+        checkpointer.check_no_later_steps(resume_step)
     if resume_dir and cfg.train.resume_epochs:
         total_epochs = checkpointer.meta(resume_step)["epoch"] + cfg.train.resume_epochs
     state = setup.build_state(task, mesh, steps_per_epoch, total_epochs)
@@ -178,13 +183,15 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
     # --- Resume or initialise from a checkpoint ------------------------------------------------------
     if resume_dir:
         model_state, restored_opt, meta = checkpointer.restore(
-            resume_step, model_state, None if cfg.train.test_only else opt_state,
-            None if cfg.train.test_only else train_iter)
+            resume_step, model_state, None if cfg.train.test_only else opt_state)
         opt_state = restored_opt if restored_opt is not None else opt_state
         start_epoch, step = meta["epoch"], meta["step"]
         log.info("resumed from %s step %d (epoch %d done)", resume_dir, resume_step, start_epoch)
     elif cfg.train.init_from:
-        model_state = setup.init_weights(task, state.model_def, model_state, mesh_lib.replicated(mesh))
+        model_state = setup.init_weights(task, state.model_def, model_state, state.shardings[0])
+    # The training stream's position is the step alone, on any number of processes.
+    train_iter = iter(pipeline.train_dataset(train_source, train_transform, local_batch=local_batch,
+                                             seed=cfg.train.seed, num_workers=cfg.train.num_workers, start_step=step))
 
     # --- Steps -------------------------------------------------------------------------------------
     train_step = steps_lib.make_train_step(state.model_def, state.opt_def, task.loss_and_sums, state.shardings,
@@ -220,51 +227,82 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
     # --- Epochs ----------------------------------------------------------------------------------------
     health = steps_lib.HostSums()
     last_epoch = min(total_epochs, stop_after_epoch or total_epochs)
-    for epoch in range(start_epoch + 1, last_epoch + 1):
-        epoch_totals = steps_lib.HostSums()
-        pending = None
-        started = time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{total_epochs}", dynamic_ncols=True,
-                   disable=not runlog.enabled, leave=False)
-        for i in range(steps_per_epoch):
-            batch = mesh_lib.to_global_batch(next(train_iter), mesh)
-            model_state, opt_state, sums = train_step(model_state, opt_state, batch)
-            step += 1
-            if step == 1:  # one extra host sync per run, for metrics_first_iter.txt
-                first = steps_lib.HostSums()
-                first.add(sums)
-                runlog.write_text("metrics_first_iter.txt", task.summarize(first.total))
-            pending = sums if pending is None else steps_lib.add_sums(pending, sums)
-            if (i + 1) % cfg.train.log_every == 0 or i + 1 == steps_per_epoch:
-                interval = steps_lib.HostSums()
-                interval.add(pending)  # the only host sync of the epoch, every log_every steps
-                pending = None
-                epoch_totals.add(interval.total)
-                health.add({k: interval.total[k] for k in ("records", "bad_records", "nonfinite_steps")})
-                _check_health(health.total, cfg)
-                interval_metrics = task.summarize(interval.total)
-                # Steps are dispatched asynchronously: the bar advances by the steps this sync saw finish.
-                bar.update(i + 1 - bar.n)
-                bar.set_postfix({k: f"{interval_metrics[k]:.4f}" for k in task.shown_metrics[:2]
-                                 if isinstance(interval_metrics.get(k), float)})
-        bar.close()
-        train_metrics = task.summarize(epoch_totals.total)
-        train_metrics["lr"] = current_lr()
-        train_metrics["bad_records"] = int(epoch_totals.total["bad_records"])
-        train_metrics["nonfinite_steps"] = int(epoch_totals.total["nonfinite_steps"])
-        train_metrics["images_per_second"] = steps_per_epoch * cfg.train.batch_size / (time.perf_counter() - started)
-        _log_metrics(runlog, step, epoch, "train", train_metrics, task.shown_metrics)
+    stop = preemption.StopSignal()
 
-        val_metrics = None
-        if epoch % cfg.train.validate_every == 0 or epoch == total_epochs:
-            val_metrics = validate(epoch)
-            summary["first_val"] = summary["first_val"] or val_metrics
-            summary["last_val"] = val_metrics
-        if epoch % cfg.train.save_every == 0 or epoch == total_epochs or epoch == last_epoch:
-            meta = {"config": config_lib.to_dict(cfg), "epoch": epoch, "step": step,
-                    "val": val_metrics, "train": train_metrics}
-            best = {task.best_metric: val_metrics[task.best_metric]} if val_metrics else None
-            checkpointer.save(step, model_state, opt_state, train_iter, meta, best)
+    def save(epoch_done: int, train_metrics: dict | None, val_metrics: dict | None, partial=None) -> None:
+        saved = {"config": config_lib.to_dict(cfg), "epoch": epoch_done, "step": step,
+                 "val": val_metrics, "train": train_metrics}
+        if partial is not None:  # a signal stopped the run inside an epoch: its sums so far
+            saved["epoch_totals"] = partial.to_json()
+        best = {task.best_metric: val_metrics[task.best_metric]} if val_metrics else None
+        checkpointer.save(step, model_state, opt_state, saved, best)
+
+    def preempted() -> preemption.Preempted:
+        checkpointer.wait()
+        log.warning("saved checkpoint step %d after %s; exiting with status %d", step,
+                    stop.received or "a signal to another process", preemption.EXIT_PREEMPTED)
+        checkpointer.close()
+        runlog.close()
+        return preemption.Preempted(step, str(checkpointer.directory))
+
+    with stop:
+        for epoch in range(start_epoch + 1, last_epoch + 1):
+            # A checkpoint saved on a signal resumes inside its epoch, with that epoch's sums so far.
+            first_step = step - (epoch - 1) * steps_per_epoch
+            epoch_totals = steps_lib.HostSums.from_json(meta.get("epoch_totals") if first_step else None)
+            pending = None
+            started = time.perf_counter()
+            bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch}/{total_epochs}",
+                       dynamic_ncols=True, disable=not runlog.enabled, leave=False)
+            for i in range(first_step, steps_per_epoch):
+                batch = mesh_lib.to_global_batch(next(train_iter), mesh)
+                model_state, opt_state, sums = train_step(model_state, opt_state, batch)
+                step += 1
+                if step == 1:  # one extra host sync per run, for metrics_first_iter.txt
+                    first = steps_lib.HostSums()
+                    first.add(sums)
+                    runlog.write_text("metrics_first_iter.txt", task.summarize(first.total))
+                pending = sums if pending is None else steps_lib.add_sums(pending, sums)
+                if (i + 1) % cfg.train.log_every == 0 or i + 1 == steps_per_epoch:
+                    interval = steps_lib.HostSums()
+                    interval.add(pending)  # the only host sync of the epoch, every log_every steps
+                    pending = None
+                    epoch_totals.add(interval.total)
+                    health.add({k: interval.total[k] for k in ("records", "bad_records", "nonfinite_steps")})
+                    _check_health(health.total, cfg)
+                    interval_metrics = task.summarize(interval.total)
+                    # Steps are dispatched asynchronously: the bar advances by the steps this sync saw finish.
+                    bar.update(i + 1 - bar.n)
+                    bar.set_postfix({k: f"{interval_metrics[k]:.4f}" for k in task.shown_metrics[:2]
+                                     if isinstance(interval_metrics.get(k), float)})
+                    log.info("epoch %d step %d (%d/%d): %s", epoch, step, i + 1, steps_per_epoch,
+                             " ".join(f"{k}={interval_metrics[k]:.4f}" for k in task.shown_metrics[:2]
+                                      if isinstance(interval_metrics.get(k), float)))
+                if i + 1 < steps_per_epoch and stop.stop_now(step, cfg.train.log_every):
+                    if pending is not None:
+                        epoch_totals.add(pending)
+                    save(epoch - 1, None, None, partial=epoch_totals)
+                    raise preempted()
+            bar.close()
+            train_metrics = task.summarize(epoch_totals.total)
+            train_metrics["lr"] = current_lr()
+            train_metrics["bad_records"] = int(epoch_totals.total["bad_records"])
+            train_metrics["nonfinite_steps"] = int(epoch_totals.total["nonfinite_steps"])
+            train_metrics["images_per_second"] = ((steps_per_epoch - first_step) * cfg.train.batch_size
+                                                  / (time.perf_counter() - started))
+            _log_metrics(runlog, step, epoch, "train", train_metrics, task.shown_metrics)
+
+            val_metrics = None
+            if epoch % cfg.train.validate_every == 0 or epoch == total_epochs:
+                val_metrics = validate(epoch)
+                summary["first_val"] = summary["first_val"] or val_metrics
+                summary["last_val"] = val_metrics
+            stopping = stop.agree()
+            if epoch % cfg.train.save_every == 0 or epoch in (total_epochs, last_epoch) or stopping:
+                log.info("saving checkpoint step %d (epoch %d)", step, epoch)
+                save(epoch, train_metrics, val_metrics)
+            if stopping and epoch < last_epoch:
+                raise preempted()
     checkpointer.wait()
     if summary["last_val"]:
         runlog.write_text("final_metrics.txt", summary["last_val"])
@@ -280,13 +318,18 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
     cfg, args = resolve_config(argv)
-    mesh_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    mesh_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                                    args.heartbeat_timeout)
     if args.print_config:
         print(config_lib.to_json(cfg))
         return 0
     configs = models_to_train(cfg, args)
     for model_cfg in configs:
-        summary = train_and_evaluate(model_cfg)
+        try:
+            summary = train_and_evaluate(model_cfg)
+        except preemption.Preempted as e:
+            print(f"preempted: {e}", file=sys.stderr)
+            return preemption.EXIT_PREEMPTED
         _print_summary(summary, title=f" ({model_cfg.model.name})" if len(configs) > 1 else "")
     return 0
 

@@ -227,35 +227,54 @@ jax.config.update("jax_disable_most_optimizations", True)
 from segjax.train import resolve_config, train_and_evaluate
 cfg, _ = resolve_config(json.loads(sys.argv[1]))
 out = train_and_evaluate(cfg)
+leaves = jax.tree.leaves(out["model_state"])
 print("RESULT", json.dumps({"devices": jax.device_count(), "val": out["last_val"]["loss"], "steps": out["steps"],
-      "params": [x.tolist() for x in jax.tree.leaves(jax.device_get(out["model_state"]))]}))
+      "params": [x.tolist() for x in jax.tree.leaves(jax.device_get(out["model_state"]))],
+      "device_bytes": sum(x.addressable_shards[0].data.nbytes for x in leaves),
+      "bytes": sum(x.nbytes for x in leaves)}))
 """
 
+# mesh.fsdp=4 with no size floor: every tensor with a dimension divisible by 4 is split; the
+# 2-class heads have none and must stay replicated, logged.
+FSDP = ["--set", "mesh.data=1", "--set", "mesh.fsdp=4", "--set", "mesh.min_shard_bytes=0"]
 
-@pytest.mark.parametrize("devices", [4])
-def test_four_devices_match_one(data, tmp_path, devices):
-    results = {}
-    for count in (1, devices):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}",
-               "PYTHONPATH": str(ROOT)}
-        # SGD: Adam's first update is ~lr*sign(g), which turns reduction-order noise in near-zero
-        # gradients into lr-sized differences; SGD's update is linear in the gradient.
-        # Batch 16: the ~16 training records make exactly one step, so this compares one sharded
-        # step (and a sharded validation) with the same step on one device.
-        argv = tiny_argv(data, tmp_path / str(count), "--epochs", "1", "--batch_size", "16",
-                         "--set", "train.eval_batch_size=8", "--optimizer", "sgd", "--lr", "0.05")
-        proc = subprocess.run([sys.executable, "-c", PARITY_SCRIPT, json.dumps(argv)], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=400)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-        results[count] = json.loads(line.removeprefix("RESULT "))
-    assert results[devices]["devices"] == devices and results[1]["steps"] == 1
-    assert abs(results[1]["val"] - results[devices]["val"]) < 1e-5
+
+def parity_run(data, run_root: Path, devices: int, *extra: str) -> tuple[dict, str]:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": str(ROOT)}
+    # SGD: Adam's first update is ~lr*sign(g), which turns reduction-order noise in near-zero
+    # gradients into lr-sized differences; SGD's update is linear in the gradient.
+    # Batch 16: the ~16 training records make one step per epoch, so two epochs compare two
+    # sharded steps (and sharded validations) with the same steps on one device.
+    argv = tiny_argv(data, run_root, "--epochs", "2", "--batch_size", "16", "--set", "train.eval_batch_size=8",
+                     "--optimizer", "sgd", "--lr", "0.01", *extra)
+    proc = subprocess.run([sys.executable, "-c", PARITY_SCRIPT, json.dumps(argv)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    return json.loads(line.removeprefix("RESULT ")), proc.stderr
+
+
+@pytest.fixture(scope="module")
+def one_device(data, tmp_path_factory) -> dict:
+    return parity_run(data, tmp_path_factory.mktemp("one"), 1)[0]
+
+
+@pytest.mark.parametrize("layout", ["data", "fsdp"])
+def test_four_devices_match_one(one_device, data, tmp_path, layout):
+    result, stderr = parity_run(data, tmp_path, 4, *(FSDP if layout == "fsdp" else []))
+    assert result["devices"] == 4 and one_device["steps"] == result["steps"] == 2
+    assert abs(one_device["val"] - result["val"]) < 1e-5
     # Element-wise, absolute: a bias that started at 0 is -lr * a gradient summed over many pixels
     # with heavy cancellation, so its *relative* rounding error is large while the absolute one is not.
-    diffs = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(results[1]["params"], results[devices]["params"])]
-    print(f"max parameter difference, 1 vs {devices} devices after one step: {max(diffs):.2e}")
-    assert max(diffs) < 1e-6
+    diffs = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(one_device["params"], result["params"])]
+    print(f"max parameter difference, 1 device vs 4 ({layout}) after two steps: {max(diffs):.2e}")
+    assert max(diffs) < 1e-5
+    if layout == "data":
+        assert result["device_bytes"] == result["bytes"]  # replicated
+    else:
+        print(f"per-device state bytes with fsdp=4: {result['device_bytes']} of {result['bytes']}")
+        assert result["device_bytes"] < 0.4 * result["bytes"]
+        assert "no dimension divides by fsdp=4; replicated" in stderr  # logged, not fatal
 
 
 def test_onnx_extractor_features_are_cached(data, tmp_path):

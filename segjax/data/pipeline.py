@@ -42,14 +42,30 @@ def _prefetch(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
     return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
 
 
+class _LocalRows:
+    """Local record j -> this process's rows of global batch (start + j // local_batch)."""
+
+    def __init__(self, stream: grain.MapDataset, local_batch: int, start: int):
+        self.stream, self.local_batch, self.start = stream, local_batch, start
+        self.global_batch = local_batch * jax.process_count()
+        self.offset = jax.process_index() * local_batch
+
+    def __call__(self, j: int) -> dict:
+        batch, row = divmod(int(j), self.local_batch)
+        return self.stream[(self.start + batch) * self.global_batch + self.offset + row]
+
+
 def train_dataset(source, transform: Callable[[Any, np.random.Generator], dict], *, local_batch: int, seed: int,
-                  num_workers: int) -> grain.IterDataset:
+                  num_workers: int, start_step: int = 0) -> grain.IterDataset:
     """An endless stream of local batches: reshuffled every epoch, transforms seeded per record.
 
-    The iterator's state (saved in checkpoints) fixes the next batch and its augmentations.
+    Global batch k is records [k*B, (k+1)*B) of one stream that does not depend on the number of
+    processes (B = local_batch x processes); each process reads its rows of it. So the position
+    is the step alone: `start_step` resumes there, exactly, on any topology.
     """
-    ds = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
-    ds = ds.shuffle(seed=seed).repeat(None).random_map(transform, seed=seed + 1).map(_MarkValid())
+    stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    stream = stream.random_map(transform, seed=seed + 1).map(_MarkValid())
+    ds = grain.MapDataset.range(sys.maxsize).map(_LocalRows(stream, local_batch, start_step))
     ds = ds.to_iter_dataset(_read_options()).batch(local_batch, drop_remainder=True)
     return _prefetch(ds, num_workers)
 

@@ -1,14 +1,16 @@
-"""orbax checkpoints: model, optimizer, data-iterator state and JSON metadata in one step directory.
+"""orbax checkpoints: model, optimizer and JSON metadata (config, epoch, step) in one step directory.
 
 The latest checkpoint and the best one (by the task's metric) are both kept. orbax writes to a
 temporary directory and renames it when complete, so a save killed midway is never restored.
+The data position is not stored: the training stream is rebuilt from the step (data/pipeline.py),
+which also works on another number of processes. Restores take their shardings from the live
+(current mesh) state, so a checkpoint written on N devices loads on M.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
@@ -17,6 +19,10 @@ from orbax.checkpoint import checkpoint_managers as policies
 def _abstract(tree):
     """Restore targets carrying the live shardings, so restoring works on any device count."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint step that cannot be read (damaged, truncated, incomplete); names the step."""
 
 
 class Checkpointer:
@@ -39,12 +45,11 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def save(self, step: int, model_state, opt_state, data_iter, meta: dict, metrics: dict | None) -> None:
+    def save(self, step: int, model_state, opt_state, meta: dict, metrics: dict | None) -> None:
         """Asynchronous; `metrics` None marks a checkpoint that takes no part in the best ranking."""
         args = ocp.args.Composite(
             model=ocp.args.StandardSave(model_state),
             optimizer=ocp.args.StandardSave(opt_state),
-            data_iter=grain.checkpoint.CheckpointSave(data_iter),
             meta=ocp.args.JsonSave(meta),
         )
         self.manager.save(step, args=args, metrics=metrics, force=True)
@@ -56,17 +61,38 @@ class Checkpointer:
         return self.manager.best_step()
 
     def meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self._restore(step, {"meta": ocp.args.JsonRestore()})["meta"]
 
-    def restore(self, step: int, model_state, opt_state=None, data_iter=None):
+    def restore(self, step: int, model_state, opt_state=None):
         """Restores into the structure and shardings of the given live states; None parts are skipped."""
         items = {"model": ocp.args.StandardRestore(_abstract(model_state)), "meta": ocp.args.JsonRestore()}
         if opt_state is not None:
             items["optimizer"] = ocp.args.StandardRestore(_abstract(opt_state))
-        if data_iter is not None:
-            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self._restore(step, items)
         return restored["model"], restored.get("optimizer") if opt_state is not None else None, restored["meta"]
+
+    def _restore(self, step: int, items: dict) -> dict:
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            raise CheckpointError(self._damaged(step, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")) from e
+        if "meta" in items and not isinstance(restored.get("meta"), dict):
+            raise CheckpointError(self._damaged(step, "its metadata (meta) is missing"))
+        return restored
+
+    def _damaged(self, step: int, why: str) -> str:
+        earlier = [s for s in self.manager.all_steps() if s < step]
+        hint = (f"move {self.directory / str(step)} aside and resume from the latest complete step"
+                f" (earlier steps: {earlier}), or give one: --resume {self.directory / str(max(earlier))}"
+                if earlier else "no earlier step to fall back to")
+        return f"checkpoint step {step} in {self.directory} cannot be read ({why}); {hint}"
+
+    def check_no_later_steps(self, step: int) -> None:
+        """Resuming from an earlier step would overwrite the later ones: refuse while they exist."""
+        later = [s for s in self.manager.all_steps() if s > step]
+        if later:
+            raise CheckpointError(f"--resume from step {step}: {self.directory} also holds later steps {later}; "
+                                  f"move them aside first (training on would overwrite them)")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -12,7 +12,8 @@ from flax import nnx
 
 from segjax import config as config_lib
 from segjax import tasks
-from segjax.engine import mesh as mesh_lib
+from segjax.engine import remat as remat_lib
+from segjax.engine import sharding as sharding_lib
 from segjax.engine import steps as steps_lib
 from segjax.engine.checkpoint import Checkpointer, find_checkpoint_dir, latest_run
 
@@ -31,21 +32,19 @@ class ModelSetup(typing.NamedTuple):
 
 
 def build_state(task, mesh: jax.sharding.Mesh, steps_per_epoch: int, epochs: int) -> ModelSetup:
-    """The task's model and optimizer as split NNX state, replicated over the mesh."""
+    """The task's model and optimizer as split NNX state, created sharded by `cfg.mesh` (with the
+    modules `cfg.train.remat` names rematerialised)."""
     cfg = task.cfg
-    # Created inside jit: eager initialisers compile one small program per layer shape.
-    model = nnx.jit(lambda: task.build_model(nnx.Rngs(cfg.train.seed)))()
     tx, schedule = steps_lib.make_optimizer(cfg.optim, steps_per_epoch, epochs)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    model_def, model_state = nnx.split(model)
-    opt_def, opt_state = nnx.split(optimizer)
-    model.eval()
-    eval_def = nnx.graphdef(model)
-    replicated = mesh_lib.replicated(mesh)
-    model_state, opt_state = jax.device_put((model_state, opt_state), replicated)
-    shardings = jax.tree.map(lambda _: replicated, (model_state, opt_state))
-    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    return ModelSetup(model_def, eval_def, opt_def, model_state, opt_state, shardings, schedule, num_params)
+
+    def create():
+        model = task.build_model(nnx.Rngs(cfg.train.seed))
+        remat_lib.apply(model, cfg.train.remat)
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    created = sharding_lib.create_sharded(create, mesh, sharding_lib.parse_rules(cfg.mesh.sharding),
+                                          cfg.mesh.min_shard_bytes)
+    return ModelSetup(*created[:6], schedule, created.num_params)
 
 
 def load_torch_weights(task, model: nnx.Module, path: str, state_dict: dict | None = None) -> None:

@@ -101,3 +101,13 @@ class HostSums:
         host = jax.tree.map(lambda x: np.asarray(x, np.float64 if np.issubdtype(np.asarray(x).dtype, np.floating)
                                                  else np.int64), jax.device_get(device_sums))
         self.total = host if self.total is None else jax.tree.map(np.add, self.total, host)
+
+    def to_json(self) -> dict:
+        return {k: [str(v.dtype), v.tolist()] for k, v in (self.total or {}).items()}
+
+    @classmethod
+    def from_json(cls, saved: dict | None) -> HostSums:
+        sums = cls()
+        if saved:
+            sums.total = {k: np.asarray(values, dtype) for k, (dtype, values) in saved.items()}
+        return sums
