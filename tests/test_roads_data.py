@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segjax.data import pipeline, roads, subset
+from segjax.data import pipeline, roads, subset, transforms
 from segjax.data.demo_roads import DRIVES, ODD_FILES, write_road_demo
 from segjax.data.errors import DataError, SkipReport
-from segjax.data.prepare_roads import (
+from segjax.data.prepare import (
     convert_records,
     image_array,
     load_pickle,
@@ -160,7 +160,7 @@ def test_cityscapes_style_layouts_and_lists(tmp_path: Path):
     layout = roads.RoadLayout("cityscapes", label_suffix="_gtFine_labelIds.png")
     scan = roads.load_road_data(city, layout=layout, split="val", num_classes=19, label_ids="cityscapes")
     assert np.flatnonzero(scan.class_pixels[0]).tolist() == [0, 10]
-    label = roads.read_label(scan.pairs[0].mask_path, roads.label_lut(19, "cityscapes"))
+    label = transforms.read_label(scan.pairs[0].mask_path, roads.label_lut(19, "cityscapes"))
     assert set(np.unique(label).tolist()) == {0, 10, 255}
 
 
@@ -232,7 +232,7 @@ def test_unknown_label_values(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     assert "1 label maps hold values outside the classes" in caplog.text
     # Those pixels count nowhere and read as ignore.
     assert scan.class_pixels[1].sum() == scan.class_pixels[0].sum() - 15
-    read = roads.read_label(bad_file, roads.label_lut(26))
+    read = transforms.read_label(bad_file, roads.label_lut(26))
     assert (read[:3, :5] == 255).all() and (read[3:] == label[3:]).all()
 
 
@@ -275,7 +275,7 @@ def test_train_transform(tmp_path: Path):
     colour_of = {int(v): image[label == v][0].astype(int) for v in np.unique(label)}
     sizes = set()
     for seed in range(12):
-        ex = roads.make_train_example(pair, np.random.default_rng(seed), lut=lut, crop=(32, 48), base_height=40,
+        ex = transforms.make_train_example(pair, np.random.default_rng(seed), lut=lut, crop=(32, 48), base_height=40,
                                       scale=(0.5, 1.5))
         assert ex["image"].shape == (32, 48, 3) and ex["mask"].shape == (32, 48) and ex["pixel_mask"].shape == (32, 48)
         assert ex["image"].dtype == np.uint8 and ex["mask"].dtype == np.uint8 and ex["image_ok"]
@@ -290,11 +290,11 @@ def test_train_transform(tmp_path: Path):
                 assert np.abs(ex["image"][1:-1, 1:-1][inner[1:-1, 1:-1]].astype(int) - colour).max() <= 6
         sizes.add(int(ex["pixel_mask"].sum()))
     assert len(sizes) > 3  # the random scale changes how much of the crop the image fills
-    a = roads.make_train_example(pair, np.random.default_rng(3), lut=lut, crop=(32, 48), base_height=40)
-    b = roads.make_train_example(pair, np.random.default_rng(3), lut=lut, crop=(32, 48), base_height=40)
+    a = transforms.make_train_example(pair, np.random.default_rng(3), lut=lut, crop=(32, 48), base_height=40)
+    b = transforms.make_train_example(pair, np.random.default_rng(3), lut=lut, crop=(32, 48), base_height=40)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     # Scale 1 and a crop the size of the image: the label itself, or its mirror image.
-    flips = [roads.make_train_example(pair, np.random.default_rng(s), lut=lut, crop=(60, 100), scale=(1.0, 1.0))
+    flips = [transforms.make_train_example(pair, np.random.default_rng(s), lut=lut, crop=(60, 100), scale=(1.0, 1.0))
              for s in range(10)]
     mirrored = [np.array_equal(ex["mask"], label[:, ::-1]) for ex in flips]
     assert all(m or np.array_equal(ex["mask"], label) for m, ex in zip(mirrored, flips)) and 0 < sum(mirrored) < 10
@@ -303,7 +303,7 @@ def test_train_transform(tmp_path: Path):
 def test_eval_transform_keeps_the_original_size(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     pair, image, label = _pair(tmp_path)
     lut = roads.label_lut(26)
-    ex = roads.make_eval_example(pair, lut=lut, size=(30, 50), full_size=(64, 128))
+    ex = transforms.make_eval_example(pair, lut=lut, size=(30, 50), full_size=(64, 128))
     assert ex["image"].shape == (30, 50, 3) and ex["mask"].shape == (30, 50) and ex["image_ok"]
     np.testing.assert_array_equal(ex["mask"], np.asarray(Image.fromarray(label).resize((50, 30), Image.NEAREST)))
     np.testing.assert_array_equal(ex["image"], np.asarray(Image.fromarray(image).resize((50, 30), Image.BILINEAR)))
@@ -311,9 +311,9 @@ def test_eval_transform_keeps_the_original_size(tmp_path: Path, caplog: pytest.L
     np.testing.assert_array_equal(ex["mask_full"][:60, :100], label)
     assert (ex["mask_full"][60:] == 255).all() and (ex["mask_full"][:, 100:] == 255).all()
     with caplog.at_level(logging.WARNING):
-        small = roads.make_eval_example(pair, lut=lut, size=(30, 50), full_size=(32, 64))
+        small = transforms.make_eval_example(pair, lut=lut, size=(30, 50), full_size=(32, 64))
         Path(pair.image_path).write_bytes(b"gone bad after the scan")
-        broken = roads.make_train_example(pair, np.random.default_rng(0), lut=lut, crop=(16, 16))
+        broken = transforms.make_train_example(pair, np.random.default_rng(0), lut=lut, crop=(16, 16))
     assert not small["image_ok"] and "larger than the evaluation canvas" in caplog.text
     assert not broken["image_ok"] and (broken["mask"] == 255).all() and "cannot decode" in caplog.text
 
@@ -326,10 +326,10 @@ def test_source_through_grain_pipeline(tmp_path: Path):
     source = SegmentationSource(scan.pairs)
 
     def train(pair, rng):
-        return roads.make_train_example(pair, rng, lut=lut, crop=(16, 24))
+        return transforms.make_train_example(pair, rng, lut=lut, crop=(16, 24))
 
     def evaluate(pair):
-        return roads.make_eval_example(pair, lut=lut, size=(12, 20), full_size=tuple(scan.sizes.max(axis=0)))
+        return transforms.make_eval_example(pair, lut=lut, size=(12, 20), full_size=tuple(scan.sizes.max(axis=0)))
 
     batch = next(iter(pipeline.train_dataset(source, train, local_batch=2, seed=0, num_workers=0)))
     assert batch["image"].shape == (2, 16, 24, 3) and batch["image"].dtype == np.uint8 and batch["valid"].all()

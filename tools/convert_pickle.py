@@ -14,7 +14,7 @@ import argparse
 import logging
 
 from segjax.data.errors import DataError
-from segjax.data.prepare_roads import convert_records, load_pickle
+from segjax.data.prepare import convert_records, load_pickle
 
 
 def main(argv: list[str] | None = None) -> int:

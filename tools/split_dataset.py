@@ -17,7 +17,7 @@ from pathlib import Path
 
 from segjax.data import roads
 from segjax.data.errors import DataError, SkipReport
-from segjax.data.prepare_roads import DEFAULT_FRACTIONS, split_pool, write_lists
+from segjax.data.prepare import DEFAULT_FRACTIONS, split_pool, write_lists
 
 
 def _fractions(text: str) -> tuple[float, float, float]:

@@ -1,5 +1,5 @@
-"""Road-scene semantic segmentation data: Cityscapes-style and folder layouts, class sets, label
-scans and transforms.
+"""Road-scene semantic segmentation data: Cityscapes-style and folder layouts, class sets and label
+scans (the transforms are in transforms.py, the preparation in prepare.py).
 
 Layouts (image paths relative to ROOT identify every record, in list files too):
 - "cityscapes" (IDD, IDD Lite, Cityscapes): ROOT/leftImg8bit/{split}/{subdir}/{stem}{image_suffix}
@@ -23,12 +23,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from segjax.data.errors import MASK_UNREADABLE, DataError, SkipReport
-from segjax.data.files import IMAGE_SUFFIXES, BadImage, decode, read_rgb_sized
-from segjax.data.transforms import random_scale_crop_flip
+from segjax.data.files import IMAGE_SUFFIXES, BadImage, decode
 from segjax.data.voc import SegPair, checked_pair, read_mask
 
 logger = logging.getLogger(__name__)
@@ -378,69 +376,6 @@ def load_road_data(root: str | os.PathLike, *, layout: RoadLayout | None = None,
         raise DataError(f"no usable image/label pairs in {what}; skipped: {report.as_dict()}")
     logger.info("%s: %d image/label pairs", what, len(scan.pairs))
     return scan
-
-
-# ---------------------------------------------------------------- transforms
-
-
-def read_label(path: str | os.PathLike, lut: np.ndarray) -> np.ndarray:
-    """A label map as class indices uint8 [H, W]: values outside the classes become ignore
-    (scan_labels has already refused them unless asked to ignore them)."""
-    return np.where(lut < 0, IGNORE, lut).astype(np.uint8)[read_mask(path)]
-
-
-def _read_pair(pair: SegPair, lut: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    try:
-        label = read_label(pair.mask_path, lut)
-        return read_rgb_sized(pair.image_path, *label.shape), label
-    except BadImage as err:
-        # Never an exception mid-epoch: the example is flagged and masked out downstream.
-        logger.warning("skipping %s (record %s): %s", err.path, pair.id, err.reason)
-        return None
-
-
-def make_train_example(pair: SegPair, rng: np.random.Generator, *, lut: np.ndarray, crop: tuple[int, int],
-                       base_height: int = 0, scale: tuple[float, float] = (0.5, 2.0),
-                       flip: bool = True) -> dict[str, np.ndarray]:
-    """{image uint8 [h, w, 3], mask uint8 [h, w], pixel_mask bool [h, w], image_ok bool}, (h, w) = crop.
-
-    The image is resized (bilinear; the label nearest, never interpolated) to base_height times
-    a random factor from `scale` (base_height 0: the original height), cropped at random (padded
-    with 0 and ignore when smaller; pixel_mask False there) and flipped with probability 0.5.
-    """
-    read = _read_pair(pair, lut)
-    if read is None:
-        return {"image": np.zeros((*crop, 3), np.uint8), "mask": np.full(crop, IGNORE, np.uint8),
-                "pixel_mask": np.zeros(crop, bool), "image_ok": np.asarray(False)}
-    image, label = read
-    base_factor = base_height / label.shape[0] if base_height else 1.0
-    image, label, valid = random_scale_crop_flip(image, label, rng, crop, scale, flip, IGNORE, base_factor)
-    return {"image": image, "mask": label, "pixel_mask": valid, "image_ok": np.asarray(True)}
-
-
-def make_eval_example(pair: SegPair, *, lut: np.ndarray, size: tuple[int, int],
-                      full_size: tuple[int, int]) -> dict[str, np.ndarray]:
-    """{image uint8 [h, w, 3] and mask uint8 [h, w] resized to size = (h, w); mask_full uint8
-    [H, W] the label at its original size in the top-left of a full_size canvas of ignore;
-    orig_size int32 [2]; image_ok bool}. Metrics at full resolution compare predictions resized
-    to orig_size with mask_full."""
-    read = _read_pair(pair, lut)
-    if read is not None and (read[1].shape[0] > full_size[0] or read[1].shape[1] > full_size[1]):
-        logger.warning("skipping %s: label %s larger than the evaluation canvas %s", pair.id, read[1].shape, full_size)
-        read = None
-    if read is None:
-        return {"image": np.zeros((*size, 3), np.uint8), "mask": np.full(size, IGNORE, np.uint8),
-                "mask_full": np.full(full_size, IGNORE, np.uint8), "orig_size": np.zeros(2, np.int32),
-                "image_ok": np.asarray(False)}
-    image, label = read
-    height, width = label.shape
-    full = np.full(full_size, IGNORE, np.uint8)
-    full[:height, :width] = label
-    if (height, width) != tuple(size):
-        image = np.asarray(Image.fromarray(image).resize(size[::-1], Image.Resampling.BILINEAR))
-        label = np.asarray(Image.fromarray(label).resize(size[::-1], Image.Resampling.NEAREST))
-    return {"image": np.ascontiguousarray(image), "mask": np.ascontiguousarray(label), "mask_full": full,
-            "orig_size": np.asarray([height, width], np.int32), "image_ok": np.asarray(True)}
 
 
 # ---------------------------------------------------------------- options shared by the road-scene tools

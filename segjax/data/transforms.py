@@ -5,6 +5,7 @@ Random transforms take a numpy Generator that grain seeds per record, so a run i
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 
 from segjax.data.coco import BACKGROUND, OTHER_PERSON, THIS_PERSON, PersonImage, instance_masks
 from segjax.data.files import BadImage, read_rgb_sized
+from segjax.data.roads import IGNORE
 from segjax.data.voc import SegPair, read_mask
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,24 @@ def resize_letterbox(
     return out, scale
 
 # ----------------------------------------------------------------- semantic (image + class-index mask)
+
+
+def read_pair(pair: SegPair, lut: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(image uint8 [H, W, 3], mask uint8 [H, W]) of a pair, the mask's values through `lut`
+    (roads.label_lut) when given; None, logged, when a file is unreadable or the sizes differ:
+    never an exception mid-epoch, the example is flagged and masked out downstream."""
+    try:
+        mask = read_mask(pair.mask_path) if lut is None else read_label(pair.mask_path, lut)
+        return read_rgb_sized(pair.image_path, *mask.shape), mask
+    except BadImage as err:
+        logger.warning("skipping %s (record %s): %s", err.path, pair.id, err.reason)
+        return None
+
+
+def _unusable(size: tuple[int, int], ignore_index: int, **more: np.ndarray) -> dict[str, np.ndarray]:
+    """The example standing in for an unreadable record: zeros, a mask of ignore, image_ok False."""
+    return {"image": np.zeros((*size, 3), np.uint8), "mask": np.full(size, ignore_index, np.uint8), **more,
+            "image_ok": np.asarray(False)}
 
 
 def random_scale_crop_flip(
@@ -96,16 +116,10 @@ def make_seg_example(
     ignore_index and image_ok False, never an exception mid-epoch.
     """
     size = crop_size if rng is not None or eval_size is None else eval_size
-    try:
-        mask = read_mask(pair.mask_path)
-        image = read_rgb_sized(pair.image_path, *mask.shape)
-    except BadImage as err:
-        logger.warning("skipping %s (pair %s): %s", err.path, pair.id, err.reason)
-        return {
-            "image": np.zeros((size, size, 3), dtype=np.uint8),
-            "mask": np.full((size, size), ignore_index, dtype=np.uint8),
-            "image_ok": np.asarray(False),
-        }
+    read = read_pair(pair)
+    if read is None:
+        return _unusable((size, size), ignore_index)
+    image, mask = read
     if rng is None:
         image, _ = resize_letterbox(image, size)
         mask, _ = resize_letterbox(mask, size, fill=ignore_index, resample=Image.Resampling.NEAREST)
@@ -272,3 +286,53 @@ def make_roi_example(
     example["targets"][:count] = targets
     example["image_ok"] = np.asarray(True)
     return example
+
+
+# ----------------------------------------------------------------- road scenes (label values through a lut)
+
+
+def read_label(path: str | os.PathLike, lut: np.ndarray) -> np.ndarray:
+    """A label map as class indices uint8 [H, W]: values outside the classes become ignore
+    (roads.scan_labels has already refused them unless asked to ignore them)."""
+    return np.where(lut < 0, IGNORE, lut).astype(np.uint8)[read_mask(path)]
+
+
+def make_train_example(pair: SegPair, rng: np.random.Generator, *, lut: np.ndarray, crop: tuple[int, int],
+                       base_height: int = 0, scale: tuple[float, float] = (0.5, 2.0),
+                       flip: bool = True) -> dict[str, np.ndarray]:
+    """{image uint8 [h, w, 3], mask uint8 [h, w], pixel_mask bool [h, w], image_ok bool}, (h, w) = crop.
+
+    The image is resized (bilinear; the label nearest, never interpolated) to base_height times
+    a random factor from `scale` (base_height 0: the original height), cropped at random (padded
+    with 0 and ignore when smaller; pixel_mask False there) and flipped with probability 0.5.
+    """
+    read = read_pair(pair, lut)
+    if read is None:
+        return _unusable(crop, IGNORE, pixel_mask=np.zeros(crop, bool))
+    image, label = read
+    base_factor = base_height / label.shape[0] if base_height else 1.0
+    image, label, valid = random_scale_crop_flip(image, label, rng, crop, scale, flip, IGNORE, base_factor)
+    return {"image": image, "mask": label, "pixel_mask": valid, "image_ok": np.asarray(True)}
+
+
+def make_eval_example(pair: SegPair, *, lut: np.ndarray, size: tuple[int, int],
+                      full_size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """{image uint8 [h, w, 3] and mask uint8 [h, w] resized to size = (h, w); mask_full uint8
+    [H, W] the label at its original size in the top-left of a full_size canvas of ignore;
+    orig_size int32 [2]; image_ok bool}. Metrics at full resolution compare predictions resized
+    to orig_size with mask_full."""
+    read = read_pair(pair, lut)
+    if read is not None and (read[1].shape[0] > full_size[0] or read[1].shape[1] > full_size[1]):
+        logger.warning("skipping %s: label %s larger than the evaluation canvas %s", pair.id, read[1].shape, full_size)
+        read = None
+    if read is None:
+        return _unusable(size, IGNORE, mask_full=np.full(full_size, IGNORE, np.uint8), orig_size=np.zeros(2, np.int32))
+    image, label = read
+    height, width = label.shape
+    full = np.full(full_size, IGNORE, np.uint8)
+    full[:height, :width] = label
+    if (height, width) != tuple(size):
+        image = np.asarray(Image.fromarray(image).resize(size[::-1], Image.Resampling.BILINEAR))
+        label = np.asarray(Image.fromarray(label).resize(size[::-1], Image.Resampling.NEAREST))
+    return {"image": np.ascontiguousarray(image), "mask": np.ascontiguousarray(label), "mask_full": full,
+            "orig_size": np.asarray([height, width], np.int32), "image_ok": np.asarray(True)}

@@ -19,8 +19,8 @@ from segjax.models.layers import ConvNormAct, imagenet_normalize
 from segjax.models.resnet import ResNet50
 from segjax.ops.resize import resize_bilinear
 
-# Narrow widths for tests, from the same classes.
-DEEPLABV3_TINY = dict(backbone_width=8, aspp_channels=16)
+# Variants: "full" the published layout (the class defaults), "tiny" narrow widths for tests and demos.
+SIZES = {"full": {}, "tiny": dict(backbone_width=8, aspp_channels=16)}
 
 
 class ASPPPooling(nnx.Module):

@@ -22,8 +22,8 @@ from flax import nnx
 from segjax.models.layers import ConvNormAct, UpConv2x, batch_norm, imagenet_normalize
 from segjax.models.resnet import RESNETS
 
-# Narrow widths for tests, from the same classes.
-ENCODER_DECODER_TINY = dict(encoder_width=8, decoder_channels=(32, 16, 16, 8, 8))
+# Variants: "full" the published layout (the class defaults), "tiny" narrow widths for tests and demos.
+SIZES = {"full": {}, "tiny": dict(encoder_width=8, decoder_channels=(32, 16, 16, 8, 8))}
 
 
 class UpBlock(nnx.Module):

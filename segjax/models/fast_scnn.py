@@ -25,9 +25,8 @@ from flax import nnx
 from segjax.models.layers import ConvNormAct, imagenet_normalize
 from segjax.ops.resize import adaptive_avg_pool, resize_bilinear
 
-# Narrow widths for tests, from the same classes.
-FAST_SCNN_TINY = dict(
-    downsample_channels=(8, 12, 16), block_channels=(16, 24, 32), fusion_channels=32)
+# Variants: "full" the published layout (the class defaults), "tiny" narrow widths for tests and demos.
+SIZES = {"full": {}, "tiny": dict(downsample_channels=(8, 12, 16), block_channels=(16, 24, 32), fusion_channels=32)}
 
 
 class DSConv(nnx.Module):

@@ -14,8 +14,8 @@ from segjax.models.layers import ConvNormAct, imagenet_normalize
 from segjax.models.resnet import RESNETS
 from segjax.ops.resize import resize_nearest
 
-# Narrow widths for tests, from the same classes.
-UNET_TINY = dict(encoder_width=8, decoder_channels=(32, 16, 8, 8, 8))
+# Variants: "full" the published layout (the class defaults), "tiny" narrow widths for tests and demos.
+SIZES = {"full": {}, "tiny": dict(encoder_width=8, decoder_channels=(32, 16, 8, 8, 8))}
 
 
 class UnetDecoderBlock(nnx.Module):
