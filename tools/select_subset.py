@@ -15,20 +15,12 @@ import argparse
 import logging
 import time
 
+from segjax.cli import guarded
 from segjax.data import roads, subset
-from segjax.data.errors import DataError, SkipReport
+from segjax.data.errors import SkipReport
 
 
-def _weights(text: str) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3 or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected three non-negative numbers like 0.4,0.4,0.2, got {text!r}")
-    return values
-
-
+@guarded
 def main(argv: list[str] | None = None) -> int:
     # A one-line usage: a command-line mistake reads as two short lines, not a page.
     parser = argparse.ArgumentParser(
@@ -42,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     pool.add_argument("--list", default="", help="a list file of image paths relative to ROOT (instead of --split)")
     parser.add_argument("--num", type=int, default=1500, help="how many images to keep")
     parser.add_argument("--out_dir", required=True)
-    parser.add_argument("--weights", type=_weights, default=subset.DEFAULT_WEIGHTS, help="alpha,beta,gamma")
+    parser.add_argument("--weights", type=roads.three_numbers(), default=subset.DEFAULT_WEIGHTS,
+                        help="alpha,beta,gamma")
     parser.add_argument("--min_pixels", type=int, default=1, help="pixels a class needs to count as present")
     parser.add_argument("--workers", type=int, default=0, help="threads reading labels (0: one per core, up to 16)")
     args = parser.parse_args(argv)
@@ -50,17 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--num and --min_pixels must be >= 1 and --workers >= 0")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = SkipReport()
-    try:
-        classes = roads.load_class_set(args.classes)
-        start = time.perf_counter()
-        scan = roads.load_road_data(
-            args.data_root, layout=roads.layout_from_arguments(args), split=args.split, list_file=args.list,
-            num_classes=len(classes.names), label_ids=args.label_ids, unknown=args.unknown_labels, report=report,
-            workers=args.workers, progress=True)
-        seconds = time.perf_counter() - start
-    except DataError as err:
-        logging.getLogger("select_subset").error("%s", err)
-        return 2
+    classes = roads.load_class_set(args.classes)
+    start = time.perf_counter()
+    scan = roads.load_road_data(
+        args.data_root, layout=roads.layout_from_arguments(args), split=args.split, list_file=args.list,
+        num_classes=len(classes.names), label_ids=args.label_ids, unknown=args.unknown_labels, report=report,
+        workers=args.workers, progress=True)
+    seconds = time.perf_counter() - start
     paths = [pair.id for pair in scan.pairs]
     files = subset.write_selection(paths, scan.class_pixels, args.out_dir, num=args.num, names=classes.names,
                                    colours=classes.colours, min_pixels=args.min_pixels, weights=args.weights)

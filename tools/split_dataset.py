@@ -15,21 +15,13 @@ import argparse
 import logging
 from pathlib import Path
 
+from segjax.cli import guarded
 from segjax.data import roads
 from segjax.data.errors import DataError, SkipReport
 from segjax.data.prepare import DEFAULT_FRACTIONS, split_pool, write_lists
 
 
-def _fractions(text: str) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3 or min(values) < 0 or abs(sum(values) - 1.0) > 1e-6:
-        raise argparse.ArgumentTypeError(f"expected three non-negative fractions summing to 1, got {text!r}")
-    return values
-
-
+@guarded
 def main(argv: list[str] | None = None) -> int:
     # A one-line usage: a command-line mistake reads as two short lines, not a page.
     parser = argparse.ArgumentParser(
@@ -40,25 +32,22 @@ def main(argv: list[str] | None = None) -> int:
     pool.add_argument("--split", default=None,
                       help="Cityscapes-style: the leftImg8bit/ folder to pool (default train); folders: a split list")
     pool.add_argument("--list", default="", help="a list file of image paths relative to ROOT")
-    parser.add_argument("--fractions", type=_fractions, default=DEFAULT_FRACTIONS, help="train,val,test")
+    parser.add_argument("--fractions", type=roads.three_numbers(sum_to_one=True), default=DEFAULT_FRACTIONS,
+                        help="train,val,test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--by_subdir", action="store_true", help="keep each immediate subdirectory in one split")
     parser.add_argument("--out_dir", default="", help="default ROOT/splits")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = SkipReport()
-    try:
-        layout = roads.layout_from_arguments(args)
-        split = args.split if args.split is not None else ("train" if layout.kind == "cityscapes" else "")
-        images = roads.read_list(args.data_root, args.list) if args.list else layout.pool(args.data_root, split)
-        pairs = roads.list_pairs(args.data_root, layout, images, report)
-        report.log(logging.getLogger("split_dataset"), "pool")
-        if not pairs:
-            raise DataError(f"no image with a usable label in the pool; skipped: {report.as_dict()}")
-        lists = split_pool([p.id for p in pairs], fractions=args.fractions, seed=args.seed, by_subdir=args.by_subdir)
-    except DataError as err:
-        logging.getLogger("split_dataset").error("%s", err)
-        return 2
+    layout = roads.layout_from_arguments(args)
+    split = args.split if args.split is not None else ("train" if layout.kind == "cityscapes" else "")
+    images = roads.read_list(args.data_root, args.list) if args.list else layout.pool(args.data_root, split)
+    pairs = roads.list_pairs(args.data_root, layout, images, report)
+    report.log(logging.getLogger("split_dataset"), "pool")
+    if not pairs:
+        raise DataError(f"no image with a usable label in the pool; skipped: {report.as_dict()}")
+    lists = split_pool([p.id for p in pairs], fractions=args.fractions, seed=args.seed, by_subdir=args.by_subdir)
     files = write_lists(lists, args.out_dir or Path(args.data_root) / "splits")
     skipped = {reason: entry["count"] for reason, entry in report.as_dict().items()}
     print(f"split {len(pairs)} images (skipped: {skipped or 'none'}): "

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -399,6 +399,22 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cityscapes: labels hold Cityscapes labelIds 0-33, mapped to the 19 train ids")
     parser.add_argument("--unknown_labels", choices=UNKNOWN_LABELS, default="error",
                         help="a label value that is neither a class nor 255: stop with an error, or count it as ignore")
+
+
+def three_numbers(sum_to_one: bool = False) -> Callable[[str], tuple[float, float, float]]:
+    """An argparse type: three non-negative comma-separated numbers (summing to 1 if asked)."""
+
+    def parse(text: str) -> tuple[float, float, float]:
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != 3 or min(values) < 0 or (sum_to_one and abs(sum(values) - 1.0) > 1e-6):
+            raise argparse.ArgumentTypeError(
+                f"expected three non-negative numbers{' summing to 1' if sum_to_one else ''}, got {text!r}")
+        return values
+
+    return parse
 
 
 def layout_from_arguments(args: argparse.Namespace) -> RoadLayout:
