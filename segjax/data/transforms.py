@@ -44,7 +44,7 @@ def resize_letterbox(
 # ----------------------------------------------------------------- semantic (image + class-index mask)
 
 
-def read_pair(pair: SegPair, lut: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+def _read_pair(pair: SegPair, lut: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """(image uint8 [H, W, 3], mask uint8 [H, W]) of a pair, the mask's values through `lut`
     (roads.label_lut) when given; None, logged, when a file is unreadable or the sizes differ:
     never an exception mid-epoch, the example is flagged and masked out downstream."""
@@ -116,7 +116,7 @@ def make_seg_example(
     ignore_index and image_ok False, never an exception mid-epoch.
     """
     size = crop_size if rng is not None or eval_size is None else eval_size
-    read = read_pair(pair)
+    read = _read_pair(pair)
     if read is None:
         return _unusable((size, size), ignore_index)
     image, mask = read
@@ -306,7 +306,7 @@ def make_train_example(pair: SegPair, rng: np.random.Generator, *, lut: np.ndarr
     a random factor from `scale` (base_height 0: the original height), cropped at random (padded
     with 0 and ignore when smaller; pixel_mask False there) and flipped with probability 0.5.
     """
-    read = read_pair(pair, lut)
+    read = _read_pair(pair, lut)
     if read is None:
         return _unusable(crop, IGNORE, pixel_mask=np.zeros(crop, bool))
     image, label = read
@@ -321,7 +321,7 @@ def make_eval_example(pair: SegPair, *, lut: np.ndarray, size: tuple[int, int],
     [H, W] the label at its original size in the top-left of a full_size canvas of ignore;
     orig_size int32 [2]; image_ok bool}. Metrics at full resolution compare predictions resized
     to orig_size with mask_full."""
-    read = read_pair(pair, lut)
+    read = _read_pair(pair, lut)
     if read is not None and (read[1].shape[0] > full_size[0] or read[1].shape[1] > full_size[1]):
         logger.warning("skipping %s: label %s larger than the evaluation canvas %s", pair.id, read[1].shape, full_size)
         read = None
