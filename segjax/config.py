@@ -249,7 +249,8 @@ def _override(cfg: Any, parts: list[str], depth: int, text: str) -> Any:
     if depth + 1 < len(parts):
         return dataclasses.replace(cfg, **{head: _override(current, parts, depth + 1, text)})
     if dataclasses.is_dataclass(current):
-        raise ConfigError(f"{key!r} is a section; set one of its fields: {[f.name for f in dataclasses.fields(current)]}")
+        fields = [f.name for f in dataclasses.fields(current)]
+        raise ConfigError(f"{key!r} is a section; set one of its fields: {fields}")
     value = _parse_value(text, _field_types(cfg)[head], key)
     return dataclasses.replace(cfg, **{head: value})
 

@@ -33,7 +33,8 @@ def evaluate_checkpoint(path: str | Path, *, visualize: bool = True, overrides: 
 
     def draw(batch, outputs):
         if visualize and jax.process_index() == 0:
-            task.visualize(batch, mesh_lib.to_local(outputs, mesh), out_dir, f"step{step}", cfg.train.num_visualizations)
+            outputs = mesh_lib.to_local(outputs, mesh)
+            task.visualize(batch, outputs, out_dir, f"step{step}", cfg.train.num_visualizations)
 
     metrics = validate_model(task, eval_step, restored.state, mesh, cfg, on_first_batch=draw)
     return {"checkpoint": str(ckpt_dir / str(step)), "epoch": restored.meta["epoch"], "step": step,

@@ -190,12 +190,14 @@ def test_aliases_and_set_land_on_their_fields():
     assert (cfg.train.num_workers, cfg.train.validate_every, cfg.train.save_every) == (2, 3, 4)
     assert (cfg.train.run_root, cfg.train.init_from, cfg.train.test_only, cfg.train.resume_epochs) == (
         "out", "ckpt", True, 6)
-    assert (cfg.optim.lr, cfg.optim.optimizer, cfg.optim.scheduler, cfg.optim.gradient_clip) == (0.01, "sgd", "step", 1.0)
+    optim = cfg.optim
+    assert (optim.lr, optim.optimizer, optim.scheduler, optim.gradient_clip) == (0.01, "sgd", "step", 1.0)
     assert (cfg.optim.weight_decay, cfg.optim.min_lr, cfg.optim.gradient_accumulation, cfg.optim.gamma) == (
         0.001, 0.001, 2, 0.5)
     assert (cfg.loss.ce_weight, cfg.loss.dice_weight) == (2.0, 0.5)
     assert cfg.model.head_width == 48
-    assert (cfg.data.train_ann, cfg.data.val_ann, cfg.data.train_img_dir, cfg.data.val_img_dir, cfg.data.data_stats) == (
+    data = cfg.data
+    assert (data.train_ann, data.val_ann, data.train_img_dir, data.val_img_dir, data.data_stats) == (
         "a.json", "b.json", "imgs/a", "imgs/b", "stats.json")
 
 

@@ -294,7 +294,8 @@ def test_onnx_extractor_features_are_cached(data, tmp_path):
                         "--set", f"data.feature_cache_dir={cache}"))
     cached = list(cache.glob("*.npy"))
     # One entry per readable image, train and val; the truncated JPEG gets none.
-    readable = len(list(Path(data["train_img_dir"]).glob("*.jpg"))) - 1 + len(list(Path(data["val_img_dir"]).glob("*.jpg")))
+    train_images, val_images = (list(Path(data[k]).glob("*.jpg")) for k in ("train_img_dir", "val_img_dir"))
+    readable = len(train_images) - 1 + len(val_images)
     assert 0 < len(cached) <= readable
     assert np.load(cached[0]).shape == (8, 8, 16)
     assert np.isfinite(out["last_val"]["loss"])
@@ -334,7 +335,8 @@ def test_two_processes_train_one_model(data, tmp_path):
         for proc in procs:
             out, err = proc.communicate(timeout=400)
             assert proc.returncode == 0, err[-3000:]
-            results.append(json.loads(next(x for x in out.splitlines() if x.startswith("RESULT")).removeprefix("RESULT ")))
+            line = next(x for x in out.splitlines() if x.startswith("RESULT"))
+            results.append(json.loads(line.removeprefix("RESULT ")))
     finally:
         for proc in procs:
             proc.kill()

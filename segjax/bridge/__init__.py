@@ -3,8 +3,7 @@
 Schemes (`SCHEMES`): torchvision_resnet, torchvision_deeplabv3, smp_unet, timm_darknet53.
 """
 from segjax.bridge.schemes import SCHEMES, Rule, Scheme
-from segjax.bridge.torch_import import (
-    import_torch_weights, load_torch_state_dict, to_torch_state_dict)
+from segjax.bridge.torch_import import import_torch_weights, load_torch_state_dict, to_torch_state_dict
 
 __all__ = ["SCHEMES", "Rule", "Scheme", "import_torch_weights", "load_torch_state_dict",
            "to_torch_state_dict"]

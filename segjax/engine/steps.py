@@ -9,7 +9,7 @@ same points; evaluation uses one fixed key, so every validation measures the sam
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

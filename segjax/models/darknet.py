@@ -18,6 +18,7 @@ from flax import nnx
 
 from segjax.models.layers import ConvNormAct, imagenet_normalize
 
+
 def _conv_bn_leaky(in_features, out_features, kernel_size, strides=1, *, negative_slope,
                    **precision) -> ConvNormAct:
     act = functools.partial(nnx.leaky_relu, negative_slope=negative_slope)

@@ -21,7 +21,7 @@ def _size(size, name: str) -> tuple[int, int]:
     return h, w
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bilinear_matrix(in_len: int, out_len: int) -> np.ndarray:
     """[out_len, in_len] weights of PyTorch's bilinear rule with `align_corners=False`.
 
@@ -39,7 +39,7 @@ def _bilinear_matrix(in_len: int, out_len: int) -> np.ndarray:
     return matrix
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _average_matrix(in_len: int, out_len: int) -> np.ndarray:
     """[out_len, in_len] weights of PyTorch's adaptive average pooling along one axis.
 
@@ -54,7 +54,7 @@ def _average_matrix(in_len: int, out_len: int) -> np.ndarray:
     return matrix
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _nearest_indices(in_len: int, out_len: int) -> np.ndarray:
     """PyTorch's `mode="nearest"` source index: ``min(floor(i * (in / out)), in - 1)``.
 
