@@ -361,3 +361,47 @@ class Mask2Former(nnx.Module):
 
     def __call__(self, images: jax.Array) -> dict:
         return self.decode(*self.features(images))
+
+
+# transformers' post_process_semantic_segmentation upsamples the mask logits to 384×384 (its
+# preprocessed size) before combining them; None combines them at the model's stride 4.
+SEMANTIC_INTERMEDIATE = (384, 384)
+
+
+def semantic_segmentation(class_logits: jax.Array, mask_logits: jax.Array,
+                          size: tuple[int, int],
+                          intermediate: tuple[int, int] | None = SEMANTIC_INTERMEDIATE) -> jax.Array:
+    """Class per pixel [B, *size] (int32) from class logits [B, Q, K + 1] and mask logits
+    [B, Q, h, w], as transformers' `post_process_semantic_segmentation(target_sizes=[size])`:
+    mask logits bilinearly resized to `intermediate`, per-class score = Σ_q softmax(class)[q, c]
+    (without "no object") · sigmoid(mask)[q], bilinearly resized to `size`, argmax."""
+    masks = jnp.moveaxis(mask_logits.astype(jnp.float32), 1, -1)  # [B, h, w, Q]
+    if intermediate is not None:
+        masks = resize_bilinear(masks, intermediate)
+    classes = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)[..., :-1]
+    scores = jnp.einsum("bqc,byxq->byxc", classes, jax.nn.sigmoid(masks))
+    return jnp.argmax(resize_bilinear(scores, size), axis=-1)
+
+
+EXPORT_OUTPUTS = {"default": ("class_queries_logits", "masks_queries_logits"),
+                  "semantic": ("segmentation",)}
+
+
+def export_forward(model: Mask2Former, images: jax.Array, *, variant: str = "default",
+                   intermediate: tuple[int, int] | None = SEMANTIC_INTERMEDIATE) -> tuple:
+    """The exported graph: images [B, 3, H, W] float32 RGB in [0, 1] (normalised inside) ->
+    "default": (class_queries_logits [B, Q, K + 1], masks_queries_logits [B, Q, H/4, W/4])
+    float32, transformers' names and layout; "semantic": (segmentation [B, H, W] int64,), as
+    `semantic_segmentation` with `intermediate`. Batch may be dynamic; height and width are
+    static (every shape-dependent constant is built in numpy from them)."""
+    if variant not in EXPORT_OUTPUTS:
+        raise ValueError(f"unknown export variant {variant!r}; choose one of {sorted(EXPORT_OUTPUTS)}")
+    out = model(jnp.transpose(images, (0, 2, 3, 1)))
+    class_logits = out["class_queries_logits"].astype(jnp.float32)
+    mask_logits = out["masks_queries_logits"].astype(jnp.float32)
+    if variant == "semantic":
+        segmentation = semantic_segmentation(class_logits, mask_logits, images.shape[2:],
+                                             intermediate)
+        with jax.enable_x64(True):  # int64 as transformers' maps, in this last op only
+            return (segmentation.astype(jnp.int64),)
+    return class_logits, mask_logits

@@ -11,8 +11,8 @@ and corners outside the map contribute 0. Two interchangeable forms, both differ
 values, the locations and the weights, and both exportable (standard ONNX ops):
 
 - "gather": the four bilinear corners of every point on every level packed into one index table
-  and fetched with a single `take_along_axis` over the concatenated maps; O(queries · levels ·
-  points · 4) reads. The backward pass is a scatter-add.
+  of rows of the values viewed as [B · S · heads, D] and fetched with a single `take`;
+  O(queries · levels · points · 4) reads. The backward pass is a scatter-add.
 - "dense": per level, the separable bilinear weights are tent functions
   max(0, 1 − |i − y|) · max(0, 1 − |j − x|) over the whole grid (zero padding for free), summed
   into a dense [queries, h·w] matrix that multiplies the values; no gather at all, at
@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 METHODS = ("gather", "dense")
 # Measured on the Swin-T pixel decoder (README, "Mask2Former"): on CPU the gather form is faster
@@ -73,18 +74,17 @@ def _pixel(locations, shapes):
 
 
 def _gather(value, shapes, locations, weights):
-    batch, _, heads, dim = value.shape
+    batch, total, heads, dim = value.shape
     _, queries, _, levels, points, _ = locations.shape
     x, y = _pixel(locations, shapes)
     x0, y0 = jnp.floor(x), jnp.floor(y)
     fx, fy = x - x0, y - y0
     widths = jnp.asarray([w for _, w in shapes], jnp.float32)[:, None]  # [L, 1]
     heights = jnp.asarray([h for h, _ in shapes], jnp.float32)[:, None]
-    starts, start = [], 0
-    for h, w in shapes:
-        starts.append(start)
-        start += h * w
-    starts = jnp.asarray(starts, jnp.int32)[:, None]
+    starts = jnp.asarray(np.cumsum([0] + [h * w for h, w in shapes[:-1]]), jnp.int32)[:, None]
+    # Row of value[b, s, h] in value viewed as [B · S · heads, D]: one gather of D-vectors.
+    rows = (jax.lax.broadcasted_iota(jnp.int32, (batch, 1, 1, 1, 1), 0) * (total * heads)
+            + jnp.arange(heads, dtype=jnp.int32)[:, None, None])
     indices, corner_weights = [], []
     for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
         cx, cy = x0 + dx, y0 + dy
@@ -93,15 +93,13 @@ def _gather(value, shapes, locations, weights):
         corner_weights.append(jnp.where(valid, bilinear, 0.0))
         cx = jnp.clip(cx, 0, widths - 1).astype(jnp.int32)
         cy = jnp.clip(cy, 0, heights - 1).astype(jnp.int32)
-        indices.append(starts + cy * widths.astype(jnp.int32) + cx)
-    # [B, Q, heads, L, P, 4] -> [B, heads, Q · L · P · 4]
-    index = jnp.stack(indices, -1).transpose(0, 2, 1, 3, 4, 5).reshape(batch, heads, -1)
-    weight = (jnp.stack(corner_weights, -1) * weights.astype(jnp.float32)[..., None])
-    weight = weight.transpose(0, 2, 1, 3, 4, 5).reshape(batch, heads, queries, -1)
-    table = value.transpose(0, 2, 1, 3)  # [B, heads, S, D]
-    sampled = jnp.take_along_axis(table, index[..., None], axis=2)
-    sampled = sampled.reshape(batch, heads, queries, levels * points * 4, dim)
-    return jnp.einsum("bhqk,bhqkd->bqhd", weight.astype(value.dtype), sampled)
+        indices.append(rows + (starts + cy * widths.astype(jnp.int32) + cx) * heads)
+    index = jnp.stack(indices, -1).reshape(-1)  # [B, Q, heads, L, P, 4] flattened
+    sampled = jnp.take(value.reshape(-1, dim), index, axis=0, mode="clip")
+    sampled = sampled.reshape(batch, queries, heads, levels * points * 4, dim)
+    weight = jnp.stack(corner_weights, -1) * weights.astype(jnp.float32)[..., None]
+    weight = weight.reshape(batch, queries, heads, -1).astype(value.dtype)
+    return jnp.einsum("bqhk,bqhkd->bqhd", weight, sampled)
 
 
 def _dense(value, shapes, locations, weights):
