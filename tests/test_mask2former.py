@@ -1,8 +1,9 @@
 """Mask2Former against Hugging Face transformers (5.23, CPU, built offline from configs):
 eval-mode class and mask logits of random-initialised tiny models with Swin and ResNet
 backbones, the weight bridge both ways (both Swin namings, a new class count, bad input),
-full-size parameter counts, and the deformable attention's two forms against HF's grid_sample
-version, values and gradients."""
+the ONNX export (transformers weights -> segjax -> ONNX -> onnxruntime against transformers'
+own outputs, and the semantic post-processing), full-size parameter counts, and the
+deformable attention's two forms against HF's grid_sample version, values and gradients."""
 import json
 import logging
 import sys
@@ -18,7 +19,10 @@ from segjax.bridge.hf_mask2former import (
     hf_config, hf_state_dict, import_hf_state_dict, load_hf_mask2former, model_kwargs,
     save_hf_mask2former)
 from segjax.models.layers import imagenet_normalize
-from segjax.models.mask2former import MASK2FORMER_VARIANTS, Mask2Former
+from segjax.export.onnx import _convert, export
+from segjax.models.mask2former import (
+    EXPORT_OUTPUTS, MASK2FORMER_VARIANTS, Mask2Former, export_forward, semantic_int64,
+    semantic_segmentation)
 from segjax.ops.ms_deform_attn import METHODS, ms_deform_attn
 
 TOLERANCE = 1e-4  # of the largest activation
@@ -207,6 +211,64 @@ def test_pytorch_bin_directory(hf, tmp_path):
         np.testing.assert_array_equal(ours[path], theirs[path], err_msg=path)
     net = hf.t.Mask2FormerForUniversalSegmentation(hf.t.Mask2FormerConfig.from_pretrained(tmp_path))
     assert sum(p.numel() for p in net.parameters()) == _count(model) + _SWIN_UNUSED(16 * 8)
+
+
+# ---------------------------------------------------------------------------------- ONNX export
+
+class _ExportTask:
+    """What `segjax.export.onnx.export` asks of a task, for a bare Mask2Former (the roadways
+    task supplies the same from its config)."""
+
+    def __init__(self, size, class_names):
+        self.cfg = types.SimpleNamespace(experiment="test_mask2former", task="query_masks")
+        self.class_names, self.size = class_names, size
+
+    def export_signature(self, variant="default"):
+        return [("images", ("B", 3, *self.size))], list(EXPORT_OUTPUTS[variant])
+
+    def export_forward(self, model, images, variant="default"):
+        return export_forward(model, images, variant=variant)
+
+
+def test_onnx_export_matches_transformers(pair, tmp_path):
+    """transformers weights -> segjax -> ONNX (dynamic batch; the exporter's own JAX check at
+    batch 1 and 2) -> onnxruntime equals transformers' PyTorch logits on the same images."""
+    if pair.kind != "swin":
+        pytest.skip("one backbone suffices for the export; both are compared in JAX above")
+    from segjax.export.runtime import make_session
+    report = export(_ExportTask(SIZE, ["a", "b", "c"]), pair.model, tmp_path / "m.onnx")
+    assert report["passed"] and report["metadata"]["inputs"]["images"] == ["B", 3, *SIZE]
+    session = make_session(tmp_path / "m.onnx", prefer=("cpu",))
+    names = list(EXPORT_OUTPUTS["default"])
+    outputs = session.run(names, {"images": pair.images.transpose(0, 3, 1, 2).copy()})
+    for name, ours in zip(names, outputs, strict=True):
+        _assert_close(ours, getattr(pair.expected, name))
+
+
+def test_semantic_postprocessing_matches_transformers(pair, hf):
+    """`semantic_segmentation` equals the image processor's post_process_semantic_segmentation
+    (384×384 intermediate), and its int64 form exports (dynamic batch) to the same maps."""
+    if pair.kind != "swin":
+        pytest.skip("the post-processing does not depend on the backbone")
+    processor = hf.t.Mask2FormerImageProcessor()
+    size = (50, 70)  # any target size
+    expected = np.stack([m.numpy() for m in processor.post_process_semantic_segmentation(
+        pair.expected, target_sizes=[size] * len(pair.images))])
+    class_logits = pair.expected.class_queries_logits.numpy()
+    mask_logits = pair.expected.masks_queries_logits.numpy()
+    ours = np.asarray(semantic_segmentation(class_logits, mask_logits, size))
+    np.testing.assert_array_equal(ours, expected)
+    proto = _convert(lambda c, m: (semantic_int64(c, m, size),),
+                     [("class_queries_logits", ("B", *class_logits.shape[1:])),
+                      ("masks_queries_logits", ("B", *mask_logits.shape[1:]))], ["segmentation"], 23)
+    import onnxruntime
+    session = onnxruntime.InferenceSession(proto.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    for batch in (1, 2):
+        (maps,) = session.run(None, {"class_queries_logits": class_logits[:batch],
+                                     "masks_queries_logits": mask_logits[:batch]})
+        assert maps.dtype == np.int64
+        np.testing.assert_array_equal(maps, expected[:batch])
 
 
 # --------------------------------------------------------------------------- full-size counts

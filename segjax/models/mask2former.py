@@ -400,8 +400,13 @@ def export_forward(model: Mask2Former, images: jax.Array, *, variant: str = "def
     class_logits = out["class_queries_logits"].astype(jnp.float32)
     mask_logits = out["masks_queries_logits"].astype(jnp.float32)
     if variant == "semantic":
-        segmentation = semantic_segmentation(class_logits, mask_logits, images.shape[2:],
-                                             intermediate)
-        with jax.enable_x64(True):  # int64 as transformers' maps, in this last op only
-            return (segmentation.astype(jnp.int64),)
+        return (semantic_int64(class_logits, mask_logits, images.shape[2:], intermediate),)
     return class_logits, mask_logits
+
+
+def semantic_int64(class_logits: jax.Array, mask_logits: jax.Array, size: tuple[int, int],
+                   intermediate: tuple[int, int] | None = SEMANTIC_INTERMEDIATE) -> jax.Array:
+    """`semantic_segmentation` as int64, transformers' dtype (64-bit in this last op only)."""
+    segmentation = semantic_segmentation(class_logits, mask_logits, size, intermediate)
+    with jax.enable_x64(True):
+        return segmentation.astype(jnp.int64)
