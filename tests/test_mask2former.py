@@ -16,13 +16,23 @@ import pytest
 from flax import nnx
 
 from segjax.bridge.hf_mask2former import (
-    hf_config, hf_state_dict, import_hf_state_dict, load_hf_mask2former, model_kwargs,
-    save_hf_mask2former)
-from segjax.models.layers import imagenet_normalize
+    hf_config,
+    hf_state_dict,
+    import_hf_state_dict,
+    load_hf_mask2former,
+    model_kwargs,
+    save_hf_mask2former,
+)
 from segjax.export.onnx import _convert, export
+from segjax.models.layers import imagenet_normalize
 from segjax.models.mask2former import (
-    EXPORT_OUTPUTS, MASK2FORMER_VARIANTS, Mask2Former, export_forward, semantic_int64,
-    semantic_segmentation)
+    EXPORT_OUTPUTS,
+    MASK2FORMER_VARIANTS,
+    Mask2Former,
+    export_forward,
+    semantic_int64,
+    semantic_segmentation,
+)
 from segjax.ops.ms_deform_attn import METHODS, ms_deform_attn
 
 TOLERANCE = 1e-4  # of the largest activation
@@ -137,8 +147,7 @@ def test_bfloat16_compute_stays_close(pair):
 def test_round_trip_through_transformers(pair, hf, tmp_path):
     """segjax -> transformers dir: from_pretrained loads it with no missing or unexpected key,
     bitwise equal to the weights it came from; and back into segjax bitwise."""
-    config = json.loads((pair.path / "config.json").read_text())
-    save_hf_mask2former(pair.model, tmp_path, config)
+    save_hf_mask2former(pair.model, tmp_path)  # config.json from the model's own arguments
     net, info = hf.t.Mask2FormerForUniversalSegmentation.from_pretrained(
         tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -322,8 +331,7 @@ def msda_case():
 @pytest.mark.parametrize("method", METHODS)
 def test_ms_deform_attn_matches_grid_sample(hf, msda_case, method):
     """Values and gradients (values, locations, weights) against HF's PyTorch version."""
-    from transformers.models.mask2former.modeling_mask2former import (
-        multi_scale_deformable_attention)
+    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
     shapes, value, locations, weights, cotangent = msda_case
     torch_inputs = [hf.torch.tensor(a, requires_grad=True) for a in (value, locations, weights)]
     expected = multi_scale_deformable_attention(torch_inputs[0], shapes, *torch_inputs[1:])

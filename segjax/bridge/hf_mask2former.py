@@ -25,8 +25,7 @@ import numpy as np
 from flax import nnx
 
 from segjax.bridge.schemes import Rule, Scheme, batch_norm, conv, layer_norm, linear
-from segjax.bridge.torch_import import (
-    _to_numpy, import_torch_weights, load_torch_state_dict, to_torch_state_dict)
+from segjax.bridge.torch_import import _to_numpy, import_torch_weights, load_torch_state_dict, to_torch_state_dict
 from segjax.models.mask2former import NUM_LEVELS, Mask2Former
 
 log = logging.getLogger("segjax")
@@ -343,10 +342,14 @@ def hf_state_dict(model: Mask2Former, no_object_weight: float = 0.1) -> dict[str
     return state
 
 
-def save_hf_mask2former(model: Mask2Former, path: str | Path, config: dict) -> Path:
-    """Write `model` as a transformers directory: `config` (a config.json dict, from
-    `hf_config` or the imported one) and `model.safetensors` in float32."""
+def save_hf_mask2former(model: Mask2Former, path: str | Path, class_names=None, *,
+                        config: dict | None = None) -> Path:
+    """Write `model` as a transformers directory that `from_pretrained` loads without missing or
+    unexpected keys: `config.json` (`config`, e.g. the imported one, else built from the
+    model's arguments and `class_names`) and `model.safetensors` in float32."""
     from safetensors.numpy import save_file
+    if config is None:
+        config = hf_config(model.num_classes, model.arguments, class_names)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = hf_state_dict(model, config.get("no_object_weight", 0.1))

@@ -326,6 +326,15 @@ class Mask2Former(nnx.Module):
         precision = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         backbone_config = dict(SWIN_VARIANTS["tiny"] if backbone_config is None
                                else backbone_config)
+        # The architecture's arguments, for writing it back as a transformers config.
+        self.arguments = dict(
+            backbone=backbone, backbone_config=backbone_config, feature_size=feature_size,
+            mask_feature_size=mask_feature_size, hidden_dim=hidden_dim, num_queries=num_queries,
+            num_heads=num_heads, encoder_layers=encoder_layers,
+            encoder_feedforward_dim=encoder_feedforward_dim, decoder_layers=decoder_layers,
+            dim_feedforward=dim_feedforward, common_stride=common_stride,
+            enforce_input_projection=enforce_input_projection, dropout_rate=dropout_rate)
+        self.num_classes = num_classes
         if backbone == "swin":
             self.backbone = Swin(**backbone_config, **precision)
             patch = backbone_config.get("patch_size", 4)

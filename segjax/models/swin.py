@@ -40,7 +40,7 @@ def _layer_norm(features, **precision):
     return nnx.LayerNorm(features, epsilon=NORM_EPSILON, use_fast_variance=False, **precision)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _relative_position_index(window: int) -> np.ndarray:
     """[w², w²] index into the bias table of each (query, key) pair of a window."""
     coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing="ij")).reshape(2, -1)
@@ -48,7 +48,7 @@ def _relative_position_index(window: int) -> np.ndarray:
     return relative[0] * (2 * window - 1) + relative[1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shift_mask(height: int, width: int, window: int, shift: int) -> np.ndarray:
     """[windows, w², w²] additive mask of shifted windows: −100 between tokens that came from
     different regions of the cyclically shifted (padded) map, 0 within one."""
