@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 METHODS = ("gather", "dense")
-# Measured on the Swin-T pixel decoder (README, "Mask2Former"): on CPU the gather form is faster
-# at 384² and the dense form needs gigabytes at 768². No accelerator was measured: gather.
+# Measured at the Swin-T pixel decoder's shapes (README, "Mask2Former"; tools/msda_benchmark.py):
+# on CPU the gather form is ~10x faster at 384² and the dense one needs 15-24 GiB at 768². No
+# accelerator was available to measure: gather everywhere until one is.
 DEFAULT_METHOD = {"cpu": "gather"}
 
 
