@@ -4,6 +4,7 @@ backbones, the weight bridge both ways (both Swin namings, a new class count, ba
 the ONNX export (transformers weights -> segjax -> ONNX -> onnxruntime against transformers'
 own outputs, and the semantic post-processing), full-size parameter counts, and the
 deformable attention's two forms against HF's grid_sample version, values and gradients."""
+import dataclasses
 import json
 import logging
 import sys
@@ -224,12 +225,18 @@ def test_pytorch_bin_directory(hf, tmp_path):
 
 # ---------------------------------------------------------------------------------- ONNX export
 
+@dataclasses.dataclass(frozen=True)
+class _ExportConfig:
+    experiment: str = "test_mask2former"
+    task: str = "query_masks"
+
+
 class _ExportTask:
     """What `segjax.export.onnx.export` asks of a task, for a bare Mask2Former (the roadways
     task supplies the same from its config)."""
 
     def __init__(self, size, class_names):
-        self.cfg = types.SimpleNamespace(experiment="test_mask2former", task="query_masks")
+        self.cfg = _ExportConfig()
         self.class_names, self.size = class_names, size
 
     def export_signature(self, variant="default"):
