@@ -26,3 +26,48 @@ def test_benchmark_prints_timings_and_ratios(tmp_path):
     assert out["input_pipeline"]["records_per_s"] > 0 and out["input_pipeline"]["pipeline_over_step"] > 0
     hot = out["hot_loop"]
     assert hot["real_batches_step_s"] > 0 and hot["preplaced_step_s"] > 0 and hot["real_over_preplaced"] > 0
+
+
+def _against_torch(args, tmp_path, script=("tools", "benchmark.py")):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
+    return subprocess.run([sys.executable, str(ROOT.joinpath(*script)), *args], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=900)
+
+
+def test_against_torch_times_both_frameworks_and_onnx(tmp_path):
+    """voc_resnet18 (torchvision encoder + the decoder port) and Fast-SCNN (a port) at tiny inputs:
+    the same parameter count on both sides, every time positive, ratios PyTorch / segjax."""
+    proc = _against_torch(["--against", "torch", "--models", "voc_resnet18,fastscnn", "--size", "tiny",
+                           "--repeats", "1", "--onnx", "--json", str(tmp_path / "out.json")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert set(out["runs"]) == {"fp32"} and out["skipped"] == []
+    for name, entry in out["runs"]["fp32"].items():
+        assert entry["segjax"]["parameters"] == entry["torch"]["parameters"] > 0, name
+        for kind in ("forward", "train"):
+            assert entry[f"{kind}_ratio"] == entry["torch"][kind] / entry["segjax"][kind] > 0
+        assert entry["onnx"]["ratio"] == entry["onnx"]["torch"] / entry["onnx"]["segjax"] > 0
+        assert f"| {name} | 1×64×64 | fp32 |" in proc.stdout
+
+
+def test_against_torch_unknown_model_is_a_clear_error(tmp_path):
+    proc = _against_torch(["--against", "torch", "--models", "resnet9"], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown model(s) resnet9; choose from " + ", ".join(
+            ["voc_resnet18", "voc_resnet34", "voc_resnet50", "unet", "deeplabv3", "fastscnn", "hybrid",
+             "roi_head", "roi_head_b16"])]
+
+
+def test_gpu_bench_dry_run_writes_json_and_markdown(tmp_path):
+    """tools/gpu_bench.sh --dry_run: everything but the install and CUDA parts, both precisions."""
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_bench.sh"), "--dry_run", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "out" / "gpu_bench.json").read_text())
+    assert list(out["runs"]) == ["fp32", "bf16"] and out["batch"] == "cpu"
+    for precision in ("fp32", "bf16"):
+        assert out["runs"][precision]["voc_resnet18"]["train_ratio"] > 0
+    table = (tmp_path / "out" / "gpu_bench.md").read_text()
+    assert "| voc_resnet18 | 1×64×64 | fp32 |" in table and "| voc_resnet18 | 1×64×64 | bf16 |" in table

@@ -211,7 +211,7 @@ def test_export_cli_takes_a_step_path_with_or_without_model(trained, tmp_path, c
 
 
 def test_export_cli_fails_on_a_mismatch(trained, tmp_path, monkeypatch, capsys):
-    convert = onnx_export._convert
+    convert = onnx_export.convert
 
     def corrupted(*args, **kwargs):  # one weight off: the graph no longer computes the JAX model
         proto = convert(*args, **kwargs)
@@ -220,7 +220,7 @@ def test_export_cli_fails_on_a_mismatch(trained, tmp_path, monkeypatch, capsys):
         weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
         return proto
 
-    monkeypatch.setattr(onnx_export, "_convert", corrupted)
+    monkeypatch.setattr(onnx_export, "convert", corrupted)
     out = tmp_path / "bad.onnx"
     argv = ["--experiment", "voc_resnet", "--checkpoint", str(trained), "--out", str(out)]
     assert load_tool("export_onnx").main(argv) == 1

@@ -172,3 +172,21 @@ def test_exact_bin_multiples(aligned):
     got = roi_align(jnp.asarray(x), jnp.asarray(rois), 7, 1.0, -1, aligned)
     want = ort_roi_align(x, rois, 7, 1.0, -1, aligned)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("output_size", [(3, 5), (5, 2)])  # both contraction orders
+def test_per_image_rois_match_indexed_rois(output_size):
+    """[N, R, 4] boxes per image equal [K, 5] rows with index k // R (onnxruntime), gradients too."""
+    x = make_features()
+    boxes = make_rois(count=6)[:6, 1:].reshape(2, 3, 4)
+    indexed = np.concatenate([np.repeat(np.arange(2.0), 3)[:, None], boxes.reshape(-1, 4)], 1).astype(np.float32)
+    got = roi_align(jnp.asarray(x), jnp.asarray(boxes), output_size, SCALE)
+    np.testing.assert_allclose(np.asarray(got), ort_roi_align(x, indexed, output_size, SCALE, -1, True),
+                               rtol=1e-5, atol=1e-5)
+
+    def grad(rois):
+        return jax.grad(lambda f: (roi_align(f, rois, output_size, SCALE) ** 2).sum())(jnp.asarray(x))
+
+    np.testing.assert_allclose(grad(jnp.asarray(boxes)), grad(jnp.asarray(indexed)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"per-image rois must be \[N=2, R, 4\]"):
+        roi_align(jnp.asarray(x), jnp.zeros((3, 1, 4)), 2, 1.0)

@@ -2,6 +2,8 @@
 
 python tools/benchmark.py --experiment roi_human [--set k=v ...] [--repeats N] [--batch_size B]
     [--precision fp32|bf16|both] [--full_size]
+python tools/benchmark.py --against torch [--models a,b] ...   (segjax against PyTorch, every
+    model side by side; see tools/against_torch.py)
 
 Each ratio compares with a baseline measured in the same run: bf16 against fp32 step times; the
 grain train pipeline's images/s against the train step's; a loop that moves a real host batch to
@@ -181,8 +183,12 @@ def benchmark(args: argparse.Namespace) -> dict:
 
 @cli.guarded
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--against" in argv:
+        import against_torch  # tools/ is on sys.path when this file runs as a script
+        return against_torch.main(argv)
     setup_console_logging()
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     result = benchmark(args)
     print(json.dumps(result, indent=2))
     return 0

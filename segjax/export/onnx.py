@@ -88,7 +88,7 @@ def export(
     model = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
     forward = functools.partial(task.export_forward, variant=variant)
 
-    proto = _convert(functools.partial(forward, model), specs, output_names, opset)
+    proto = convert(functools.partial(forward, model), specs, output_names, opset)
     if fp16:
         proto = convert_float_to_float16(proto, keep_io_types=True)
     metadata = {
@@ -186,7 +186,8 @@ def _quiet(logger_name: str):
         logger.setLevel(level)
 
 
-def _convert(forward, specs: Sequence[tuple[str, tuple]], output_names: Sequence[str], opset: int) -> onnx.ModelProto:
+def convert(forward, specs: Sequence[tuple[str, tuple]], output_names: Sequence[str], opset: int) -> onnx.ModelProto:
+    """`forward` to an ONNX model with inputs `specs` ([(name, shape)], str dims dynamic), unchecked."""
     # jax2onnx's own DeprecationWarnings and onnx_ir's notes about its internal values are noise.
     with warnings.catch_warnings(), _quiet("onnx_ir"):
         warnings.simplefilter("ignore", DeprecationWarning)

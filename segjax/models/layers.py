@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from segjax.ops.depthwise import depthwise_conv2d
+
 # PyTorch's defaults (eps 1e-5, BatchNorm momentum 0.1 == Flax momentum 0.9), so that imported
 # PyTorch weights and statistics behave as they did in PyTorch. Variances are two-pass, as in
 # PyTorch: flax's fast E[x^2]-E[x]^2 cancels badly and made sharded steps differ by ~1e-4.
@@ -84,7 +86,9 @@ class ConvNormAct(nnx.Module):
 
     Padding is `dilation * (kernel_size // 2)` on every side, as in PyTorch, so a stride-s
     convolution gives ceil(H / s) rows and PyTorch weights see the same pixel alignment.
-    `groups` is PyTorch's `groups` (`groups=in_features` is a depthwise convolution).
+    `groups` is PyTorch's `groups` (`groups=in_features` is a depthwise convolution; with
+    `out_features == in_features` it runs as shifted multiply-adds, `ops.depthwise`, with the
+    same `conv.kernel` and `conv.bias`, because XLA:CPU's grouped convolution is slow).
     """
 
     def __init__(
@@ -113,9 +117,18 @@ class ConvNormAct(nnx.Module):
             norm, out_features, num_groups=num_groups,
             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.act = act
+        self.depthwise = groups > 1 and groups == in_features == out_features
+        self.strides, self.dilation = strides, dilation
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.conv(x)
+        if self.depthwise:
+            conv = self.conv
+            x = depthwise_conv2d(x.astype(conv.dtype), conv.kernel[...].astype(conv.dtype), self.strides,
+                                 self.dilation, self.dilation * (conv.kernel_size[0] // 2))
+            if conv.bias is not None:
+                x = x + conv.bias[...].astype(conv.dtype)
+        else:
+            x = self.conv(x)
         if self.norm is not None:
             x = self.norm(x)
         if self.act is not None:

@@ -67,7 +67,8 @@ class RoiMaskHead(nnx.Module):
         self.classifier = nnx.Conv(width, num_classes, (1, 1), **precision)
 
     def __call__(self, features: jax.Array, rois: jax.Array) -> jax.Array:
-        """features [N, Hf, Wf, C], rois [K, 5] (batch index, x1, y1, x2, y2 in image pixels)."""
+        """features [N, Hf, Wf, C], rois [K, 5] (batch index, x1, y1, x2, y2 in image pixels) or
+        [N, R, 4] (R boxes per image: the same, N times cheaper; see ops.roi_align)."""
         x = roi_align(
             features, rois, (self.roi_size, self.roi_size), self.spatial_scale,
             sampling_ratio=self.sampling_ratio, aligned=True)

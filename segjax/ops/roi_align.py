@@ -7,7 +7,10 @@ ROI we build an interpolation matrix ``Wy [K, out_h, H]`` (the bilinear row weig
 sample points of a bin, averaged) and ``Wx [K, out_w, W]``, and the output is
 ``sum_hw Wy[k,y,h] Wx[k,x,w] F[b_k,h,w,c]``. This is exact, not an approximation.
 
-Batch selection is folded into ``Wy`` as a one-hot over images instead of gathering
+Rois given per image (``[N, R, 4]``, torchvision's list of per-image boxes with R boxes each, the
+layout of a training batch) need no selection: each image's weights meet only its own map, one
+batched GEMM ``[N][R*out_h, H] @ [N][H, W*C]``. For rois ``[K, 5]`` with batch indices,
+batch selection is folded into ``Wy`` as a one-hot over images instead of gathering
 ``features[batch_idx]``: a gather materialises ``[K, H, W, C]`` (128 ROIs on an 80x80x1024
 map is 3.4 GB in float32) and its backward is a scatter-add of the same size, whereas the
 one-hot form is one dense GEMM ``[K*out_h, N*H] @ [N*H, W*C]`` that reads the feature map
@@ -102,7 +105,9 @@ def roi_align(
         features: ``[N, H, W, C]`` feature maps (NHWC).
         rois: ``[K, 5]`` rows ``[batch_index, x1, y1, x2, y2]`` in input-image pixels. The
             batch index is truncated to an int; an index outside ``[0, N)`` gives zeros.
-            Rows of zeros (padding to a fixed ROI bucket) give finite values.
+            Rows of zeros (padding to a fixed ROI bucket) give finite values. Or ``[N, R, 4]``:
+            R boxes ``[x1, y1, x2, y2]`` on each image, the same as ``[K, 5]`` rows with index
+            ``k // R`` but N times cheaper for N images (no one-hot selection).
         output_size: ``out_h`` and ``out_w`` as an int or a tuple. This and the other
             arguments after ``rois`` are static (hashable, one compile per value).
         spatial_scale: maps image pixels to feature cells, e.g. 1/8 for a stride-8 map.
@@ -136,15 +141,19 @@ def roi_align(
     """
     if features.ndim != 4:
         raise ValueError(f"features must be [N, H, W, C], got shape {features.shape}")
-    if rois.ndim != 2 or rois.shape[1] != 5:
-        raise ValueError(f"rois must be [K, 5], got shape {rois.shape}")
+    n, h, w, c = features.shape
+    per_image = rois.ndim == 3
+    if per_image and rois.shape[::2] != (n, 4):
+        raise ValueError(f"per-image rois must be [N={n}, R, 4], got shape {rois.shape}")
+    if not per_image and (rois.ndim != 2 or rois.shape[1] != 5):
+        raise ValueError(f"rois must be [K, 5] or [N, R, 4], got shape {rois.shape}")
     out_h, out_w = _pair(output_size, "output_size")
-    n, h, w, _ = features.shape
     dtype = jnp.promote_types(features.dtype, jnp.float32)
     rois = rois.astype(dtype)
+    boxes = rois.reshape(-1, 4) if per_image else rois[:, 1:]
 
     offset = 0.5 if aligned else 0.0
-    x1, y1, x2, y2 = (rois[:, i] * spatial_scale - offset for i in range(1, 5))
+    x1, y1, x2, y2 = (boxes[:, i] * spatial_scale - offset for i in range(4))
     roi_w, roi_h = x2 - x1, y2 - y1
     if not aligned:
         roi_w, roi_h = jnp.maximum(roi_w, 1.0), jnp.maximum(roi_h, 1.0)
@@ -165,10 +174,19 @@ def roi_align(
 
     wy = _axis_weights(y1, bin_h, out_h, h, grid_h, max_h, dtype)
     wx = _axis_weights(x1, bin_w, out_w, w, grid_w, max_w, dtype)
+    x = features.astype(dtype)
+    if per_image:
+        wy, wx = wy.reshape(n, -1, out_h, h), wx.reshape(n, -1, out_w, w)
+        if out_h * w <= h * out_w:
+            mid = jnp.einsum("nryh,nhwc->nrywc", wy, x, precision=precision)
+            out = jnp.einsum("nrxw,nrywc->nryxc", wx, mid, precision=precision)
+        else:
+            mid = jnp.einsum("nrxw,nhwc->nrhxc", wx, x, precision=precision)
+            out = jnp.einsum("nryh,nrhxc->nryxc", wy, mid, precision=precision)
+        return out.reshape(-1, out_h, out_w, c).astype(features.dtype)
     # iota rather than arange: jax2onnx mis-sizes arange(n) when the batch is dynamic.
     images = lax.broadcasted_iota(jnp.int32, (1, n), 1)
     select = (rois[:, :1].astype(jnp.int32) == images).astype(dtype)
-    x = features.astype(dtype)
 
     # Contract the axis whose intermediate is smaller first; the selection rides along.
     if out_h * w <= h * out_w:

@@ -212,9 +212,7 @@ class Task(TaskBase):
         num_images, max_rois = rois.shape[:2]
         image_ok = batch["image_ok"] & batch["valid"]
         roi_valid = (batch["roi_valid"] & image_ok[:, None]).reshape(-1)
-        batch_index = jnp.broadcast_to(jnp.arange(num_images, dtype=rois.dtype)[:, None, None],
-                                       (num_images, max_rois, 1))
-        rois = jnp.concatenate([batch_index, rois], axis=-1).reshape(-1, 5)
+        # [N, R, 4] boxes per image: RoIAlign needs no one-hot over the images.
         logits = model(inputs, rois).astype(jnp.float32)
         targets = batch["targets"].reshape(-1, *batch["targets"].shape[2:]).astype(jnp.int32)
 
