@@ -4,11 +4,13 @@ Every brick takes `dtype` (the compute dtype) and `param_dtype` (the storage dty
 parameters and norm statistics), so mixed precision is `dtype=jnp.bfloat16,
 param_dtype=jnp.float32` everywhere.
 """
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from segjax.ops.depthwise import depthwise_conv2d
 
@@ -28,6 +30,33 @@ def imagenet_normalize(images: jax.Array) -> jax.Array:
     """RGB images in [0, 1] (NHWC) to ImageNet-standardised float32."""
     images = images.astype(jnp.float32)
     return (images - jnp.array(IMAGENET_MEAN)) / jnp.array(IMAGENET_STD)
+
+
+def conv2d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+           feature_group_count=1, precision=None, **kwargs) -> jax.Array:
+    """`lax.conv_general_dilated` for `nnx.Conv` (its `conv_general_dilated` argument), with two
+    kinds of convolution that XLA:CPU runs several times slower than PyTorch written another way
+    (tools/repro_conv_backward.py): a 1×1 stride-1 convolution as a matrix product (its filter
+    gradient is then one GEMM, without transposing the activations), and a depthwise one
+    (`feature_group_count` = channels in = channels out) as shifted multiply-adds
+    (`ops.depthwise`). Same results up to float32 summation order; NHWC / HWIO only."""
+    height, width, per_group, out_features = rhs.shape
+    plain = tuple(lhs_dilation or (1, 1)) == (1, 1) and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
+    zero_padding = padding in ("SAME", "VALID") or all(tuple(p) == (0, 0) for p in padding)
+    if plain and (height, width) == (1, 1) and tuple(window_strides) == (1, 1) and feature_group_count == 1 \
+            and zero_padding:
+        return jnp.einsum("nhwc,co->nhwo", lhs, rhs[0, 0], precision=precision)
+    strides, dilation = set(window_strides), set(rhs_dilation or (1,))
+    if (plain and height == width and per_group == 1 and feature_group_count == lhs.shape[-1] == out_features
+            and len(strides) == 1 and len(dilation) == 1 and not isinstance(padding, str)
+            and len({p for pair in padding for p in pair}) == 1):
+        return depthwise_conv2d(lhs, rhs, strides.pop(), dilation.pop(), padding[0][0])
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                    dimension_numbers, feature_group_count, precision=precision, **kwargs)
+
+
+# nnx.Conv with the faster paths above; parameters, names and initialisation as nnx.Conv.
+Conv = functools.partial(nnx.Conv, conv_general_dilated=conv2d)
 
 
 def max_pool2d(x: jax.Array, kernel_size: int, strides: int, padding: int = 0) -> jax.Array:
@@ -86,9 +115,7 @@ class ConvNormAct(nnx.Module):
 
     Padding is `dilation * (kernel_size // 2)` on every side, as in PyTorch, so a stride-s
     convolution gives ceil(H / s) rows and PyTorch weights see the same pixel alignment.
-    `groups` is PyTorch's `groups` (`groups=in_features` is a depthwise convolution; with
-    `out_features == in_features` it runs as shifted multiply-adds, `ops.depthwise`, with the
-    same `conv.kernel` and `conv.bias`, because XLA:CPU's grouped convolution is slow).
+    `groups` is PyTorch's `groups` (`groups=in_features` is a depthwise convolution).
     """
 
     def __init__(
@@ -108,7 +135,7 @@ class ConvNormAct(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.conv = nnx.Conv(
+        self.conv = Conv(
             in_features, out_features, (kernel_size, kernel_size), strides,
             padding=dilation * (kernel_size // 2), kernel_dilation=dilation,
             feature_group_count=groups, use_bias=use_bias,
@@ -117,18 +144,9 @@ class ConvNormAct(nnx.Module):
             norm, out_features, num_groups=num_groups,
             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.act = act
-        self.depthwise = groups > 1 and groups == in_features == out_features
-        self.strides, self.dilation = strides, dilation
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.depthwise:
-            conv = self.conv
-            x = depthwise_conv2d(x.astype(conv.dtype), conv.kernel[...].astype(conv.dtype), self.strides,
-                                 self.dilation, self.dilation * (conv.kernel_size[0] // 2))
-            if conv.bias is not None:
-                x = x + conv.bias[...].astype(conv.dtype)
-        else:
-            x = self.conv(x)
+        x = self.conv(x)
         if self.norm is not None:
             x = self.norm(x)
         if self.act is not None:

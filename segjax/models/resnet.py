@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from segjax.models.layers import ConvNormAct, batch_norm, max_pool2d
+from segjax.models.layers import Conv, ConvNormAct, batch_norm, max_pool2d
 
 
 class BasicBlock(nnx.Module):
@@ -69,13 +69,13 @@ class Bottleneck(nnx.Module):
     ):
         precision = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         out_features = planes * self.expansion
-        self.conv1 = nnx.Conv(in_features, planes, (1, 1), use_bias=False, **precision)
+        self.conv1 = Conv(in_features, planes, (1, 1), use_bias=False, **precision)
         self.bn1 = batch_norm(planes, **precision)
         self.conv2 = nnx.Conv(
             planes, planes, (3, 3), strides, padding=dilation, kernel_dilation=dilation,
             use_bias=False, **precision)
         self.bn2 = batch_norm(planes, **precision)
-        self.conv3 = nnx.Conv(planes, out_features, (1, 1), use_bias=False, **precision)
+        self.conv3 = Conv(planes, out_features, (1, 1), use_bias=False, **precision)
         self.bn3 = batch_norm(out_features, **precision)
         self.downsample = _downsample(in_features, out_features, strides, **precision)
 
