@@ -50,7 +50,7 @@ class Bench:
 
 def _semantic(name):
     def build(dtype, rngs):
-        from segjax.models.semantic import SEMANTIC_MODELS
+        from segjax.models.semantic_models import SEMANTIC_MODELS
         return SEMANTIC_MODELS[name](NUM_CLASSES, dtype=dtype, rngs=rngs)
     return build
 
@@ -62,13 +62,13 @@ def _encoder_decoder(resnet):
 
 
 def _hybrid(dtype, rngs):
-    from segjax.models.hybrid import HybridQueryModel
-    return HybridQueryModel(1, dtype=dtype, rngs=rngs)
+    from segjax.models.hybrid import SIZES, HybridQueryModel
+    return HybridQueryModel(1, **SIZES["full"], dtype=dtype, rngs=rngs)
 
 
 def _roi_head(dtype, rngs):
-    from segjax.models.roi_head import HEAD_FULL, RoiMaskHead
-    return RoiMaskHead(**HEAD_FULL, dtype=dtype, rngs=rngs)
+    from segjax.models.roi_head import SIZES, roi_human_model
+    return roi_human_model(**SIZES["full"], backbone=False, dtype=dtype, rngs=rngs)
 
 
 MODELS = {
@@ -168,7 +168,7 @@ def run_segjax(bench: Bench, data: dict, args) -> dict:
     def forward(m, batch):
         return m(batch["features"], batch["boxes"]) if bench.rois else m(batch["images"])
 
-    def loss_fn(m, batch):
+    def loss_fn(m, batch, key):  # the step passes a key; these losses draw nothing
         out = forward(m, batch)
         if bench.loss == "queries":
             ce = optax.softmax_cross_entropy_with_integer_labels(
