@@ -36,7 +36,8 @@ def _against_torch(args, tmp_path, script=("tools", "benchmark.py")):
 
 def test_against_torch_times_both_frameworks_and_onnx(tmp_path):
     """voc_resnet18 (torchvision encoder + the decoder port) and Fast-SCNN (a port) at tiny inputs:
-    the same parameter count on both sides, every time positive, ratios PyTorch / segjax."""
+    the same parameter count on both sides, every time positive, ratios PyTorch / segjax; torch.onnx
+    cannot export Fast-SCNN's pyramid pooling (bins that do not divide the map), which is reported."""
     proc = _against_torch(["--against", "torch", "--models", "voc_resnet18,fastscnn", "--size", "tiny",
                            "--repeats", "1", "--onnx", "--json", str(tmp_path / "out.json")], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -46,8 +47,12 @@ def test_against_torch_times_both_frameworks_and_onnx(tmp_path):
         assert entry["segjax"]["parameters"] == entry["torch"]["parameters"] > 0, name
         for kind in ("forward", "train"):
             assert entry[f"{kind}_ratio"] == entry["torch"][kind] / entry["segjax"][kind] > 0
-        assert entry["onnx"]["ratio"] == entry["onnx"]["torch"] / entry["onnx"]["segjax"] > 0
-        assert f"| {name} | 1×64×64 | fp32 |" in proc.stdout
+        shape = "×".join(map(str, entry["input"]))
+        assert f"| {name} | {shape} | fp32 |" in proc.stdout
+    resnet, fastscnn = out["runs"]["fp32"]["voc_resnet18"], out["runs"]["fp32"]["fastscnn"]
+    assert resnet["onnx"]["ratio"] == resnet["onnx"]["torch"] / resnet["onnx"]["segjax"] > 0
+    assert list(fastscnn["onnx"]["export_errors"]) == ["torch"]
+    assert "ONNX export failed: fastscnn (torch): SymbolicValueError" in proc.stdout
 
 
 def test_against_torch_unknown_model_is_a_clear_error(tmp_path):
