@@ -178,7 +178,8 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
         total_epochs = checkpointer.meta(resume_step)["epoch"] + cfg.train.resume_epochs
     state = setup.build_state(task, mesh, steps_per_epoch, total_epochs)
     model_state, opt_state, schedule = state.model_state, state.opt_state, state.schedule
-    log.info("model: %s parameters, compute %s", f"{state.num_params:,}", cfg.train.precision)
+    log.info("model: %s parameters (%s trained), compute %s", f"{state.num_params:,}", f"{state.num_trained:,}",
+             cfg.train.precision)
 
     # --- Resume or initialise from a checkpoint ------------------------------------------------------
     if resume_dir:
@@ -195,7 +196,7 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
 
     # --- Steps -------------------------------------------------------------------------------------
     train_step = steps_lib.make_train_step(state.model_def, state.opt_def, task.loss_and_sums, state.shardings,
-                                           cfg.train.seed)
+                                           cfg.train.seed, wrt=task.trainable)
     eval_step = steps_lib.make_eval_step(state.eval_def, task.loss_and_sums, cfg.train.seed)
     vis_dir = run_dir / "visualizations"
 

@@ -71,7 +71,7 @@ class Steps:
         self.model_state, self.opt_state, self.num_params = setup.model_state, setup.opt_state, setup.num_params
         seed = task.cfg.train.seed
         self.train_step = steps_lib.make_train_step(setup.model_def, setup.opt_def, task.loss_and_sums,
-                                                    setup.shardings, seed)
+                                                    setup.shardings, seed, wrt=task.trainable)
         self.eval_step = steps_lib.make_eval_step(setup.eval_def, task.loss_and_sums, seed)
 
     def train(self, batch: dict):

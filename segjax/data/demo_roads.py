@@ -14,7 +14,9 @@ import numpy as np
 from PIL import Image
 
 from segjax.data.demo import cached_demo, person_parts, random_colour, rasterise
-from segjax.data.roads import DEFAULT_SUFFIXES, IDD_LEVEL3, IGNORE
+from segjax.data.prepare_roads import split_pool, write_lists
+from segjax.data.roads import DEFAULT_SUFFIXES, IDD_LEVEL3, IGNORE, RoadLayout, load_road_data
+from segjax.data.subset import write_selection
 
 # Bump when the generated content changes, so cached copies are rewritten.
 ROADS_DEMO_VERSION = 1
@@ -27,6 +29,10 @@ ROAD, SIDEWALK, PERSON, AUTORICKSHAW, CAR, BUILDING, VEGETATION, SKY = (
     ("road", "sidewalk", "person", "autorickshaw", "car", "building", "vegetation", "sky"))
 DEMO_CLASSES = (ROAD, SIDEWALK, PERSON, AUTORICKSHAW, CAR, BUILDING, VEGETATION, SKY)
 # Odd train files: (drive, stem, what is wrong).
+# The demo's own split (its pool is small; the tools' default 85.5/4.5/10 would validate on 3 images)
+# and ranked subset size.
+DEMO_FRACTIONS = (0.7, 0.3, 0.0)
+DEMO_SUBSET = 32
 ODD_FILES = [("0001", "900001", "unreadable_image"), ("0002", "900002", "missing_label"),
              ("0003", "900003", "size_mismatch"), ("0004", "900004", "all_ignore")]
 
@@ -188,3 +194,19 @@ def write_road_demo(root: str | os.PathLike, *, size: tuple[int, int] = (256, 12
     expected = [p for s, d, t in planned for p in _paths(root, s, d, t)]
     cached_demo(root, "roads", ROADS_DEMO_VERSION, {"size": list(size), "seed": seed}, expected, write)
     return root
+
+
+def prepare_road_demo(root: str | os.PathLike, *, fractions=DEMO_FRACTIONS, num: int = DEMO_SUBSET,
+                      seed: int = 0) -> dict[str, str]:
+    """The road demo run through the split and subset tools' code, as a user would run the tools:
+    the demo's images (train and val folders pooled) split at `fractions` (root/splits/), the
+    training split's labels read and ranked, its top `num` kept (root/subset/: subset.txt,
+    scores.csv, class_frequency.png). Returns the list files {"train": subset.txt, "val": ...}."""
+    root = Path(write_road_demo(root))
+    layout = RoadLayout().resolve(root)
+    lists = write_lists(split_pool(layout.pool(root, "train") + layout.pool(root, "val"), fractions=fractions,
+                                   seed=seed), root / "splits")
+    scan = load_road_data(root, layout=layout, list_file=lists["train"], num_classes=len(IDD_LEVEL3.names))
+    chosen = write_selection([pair.id for pair in scan.pairs], scan.class_pixels, root / "subset", num=num,
+                             names=IDD_LEVEL3.names, colours=IDD_LEVEL3.colours)
+    return {"train": chosen["subset"], "val": lists["val"]}

@@ -29,6 +29,7 @@ class ModelSetup(typing.NamedTuple):
     shardings: tuple  # of (model_state, opt_state)
     schedule: typing.Callable  # learning rate per optimizer update
     num_params: int
+    num_trained: int  # parameters the optimizer updates (task.trainable)
 
 
 def build_state(task, mesh: jax.sharding.Mesh, steps_per_epoch: int, epochs: int) -> ModelSetup:
@@ -40,11 +41,12 @@ def build_state(task, mesh: jax.sharding.Mesh, steps_per_epoch: int, epochs: int
     def create():
         model = task.build_model(nnx.Rngs(cfg.train.seed))
         remat_lib.apply(model, cfg.train.remat)
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+        return model, nnx.Optimizer(model, tx, wrt=task.trainable)  # state for the trained parameters only
 
     created = sharding_lib.create_sharded(create, mesh, sharding_lib.parse_rules(cfg.mesh.sharding),
                                           cfg.mesh.min_shard_bytes)
-    return ModelSetup(*created[:6], schedule, created.num_params)
+    trained = nnx.state(nnx.merge(created.model_def, created.model_state), task.trainable)
+    return ModelSetup(*created[:6], schedule, created.num_params, sum(x.size for x in jax.tree.leaves(trained)))
 
 
 def load_torch_weights(task, model: nnx.Module, path: str, state_dict: dict | None = None) -> None:
@@ -98,12 +100,17 @@ def checkpoint_config(path: str | Path, *, best: bool = True) -> tuple[config_li
 
 
 def init_weights(task, model_def: nnx.GraphDef, model_state: nnx.State, sharding) -> nnx.State:
-    """`train.init_from`: a PyTorch state dict (`torch:PATH`) or a segjax run/checkpoint
-    (`latest` = this experiment's newest run) as the starting weights, placed by `sharding`."""
+    """`train.init_from`: a PyTorch state dict (`torch:PATH`), a Hugging Face `save_pretrained`
+    directory (`hf:DIR`, read by the task) or a segjax run/checkpoint (`latest` = this
+    experiment's newest run) as the starting weights, placed by `sharding`."""
     cfg = task.cfg
-    if cfg.train.init_from.startswith("torch:"):
+    if cfg.train.init_from.startswith(("torch:", "hf:")):
         model = nnx.merge(model_def, model_state)
-        load_torch_weights(task, model, cfg.train.init_from.removeprefix("torch:"))
+        kind, _, path = cfg.train.init_from.partition(":")
+        if kind == "torch":
+            load_torch_weights(task, model, path)
+        else:
+            task.load_hf_weights(model, path)
         return jax.device_put(nnx.state(model), sharding)
     source = cfg.train.init_from.removeprefix("segjax:")
     if source == "latest":

@@ -55,8 +55,11 @@ def _keep_old_unless(ok: jnp.ndarray, new, old_leaves: list):
     return jax.tree.unflatten(treedef, [jnp.where(ok, a, b) for a, b in zip(leaves, old_leaves)])
 
 
-def make_train_step(model_def, opt_def, loss_fn: LossFn, state_shardings, seed: int = 0):
+def make_train_step(model_def, opt_def, loss_fn: LossFn, state_shardings, seed: int = 0, wrt=nnx.Param):
     """(model_state, opt_state, batch) -> (model_state, opt_state, sums), buffers donated.
+
+    Gradients are taken for the parameters `wrt` selects (an nnx filter, the optimizer's): frozen
+    parts get none and cost no backward pass.
 
     A step whose loss is NaN/inf leaves every state unchanged (BatchNorm statistics included)
     and is counted in `sums["nonfinite_steps"]`, so one bad batch cannot poison the run.
@@ -68,7 +71,8 @@ def make_train_step(model_def, opt_def, loss_fn: LossFn, state_shardings, seed: 
         model = nnx.merge(model_def, model_state)
         optimizer = nnx.merge(opt_def, opt_state)
         key = jax.random.fold_in(jax.random.key(seed), optimizer.step[...])
-        (loss, (sums, _)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, key)
+        (loss, (sums, _)), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(
+            model, batch, key)
         optimizer.update(model, grads)
         finite = jnp.isfinite(loss)
         new_model, new_opt = _keep_old_unless(finite, (nnx.state(model), nnx.state(optimizer)), old_leaves)

@@ -377,18 +377,25 @@ class Mask2Former(nnx.Module):
 SEMANTIC_INTERMEDIATE = (384, 384)
 
 
+def semantic_scores(class_logits: jax.Array, mask_logits: jax.Array,
+                    intermediate: tuple[int, int] | None = SEMANTIC_INTERMEDIATE) -> jax.Array:
+    """Per-class scores [B, h, w, K] from class logits [B, Q, K + 1] and mask logits [B, Q, h, w]:
+    mask logits bilinearly resized to `intermediate` (None: kept), then
+    Σ_q softmax(class)[q, c] (without "no object") · sigmoid(mask)[q]."""
+    masks = jnp.moveaxis(mask_logits.astype(jnp.float32), 1, -1)  # [B, h, w, Q]
+    if intermediate is not None:
+        masks = resize_bilinear(masks, intermediate)
+    classes = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)[..., :-1]
+    return jnp.einsum("bqc,byxq->byxc", classes, jax.nn.sigmoid(masks))
+
+
 def semantic_segmentation(class_logits: jax.Array, mask_logits: jax.Array,
                           size: tuple[int, int],
                           intermediate: tuple[int, int] | None = SEMANTIC_INTERMEDIATE) -> jax.Array:
     """Class per pixel [B, *size] (int32) from class logits [B, Q, K + 1] and mask logits
     [B, Q, h, w], as transformers' `post_process_semantic_segmentation(target_sizes=[size])`:
-    mask logits bilinearly resized to `intermediate`, per-class score = Σ_q softmax(class)[q, c]
-    (without "no object") · sigmoid(mask)[q], bilinearly resized to `size`, argmax."""
-    masks = jnp.moveaxis(mask_logits.astype(jnp.float32), 1, -1)  # [B, h, w, Q]
-    if intermediate is not None:
-        masks = resize_bilinear(masks, intermediate)
-    classes = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)[..., :-1]
-    scores = jnp.einsum("bqc,byxq->byxc", classes, jax.nn.sigmoid(masks))
+    `semantic_scores` bilinearly resized to `size`, argmax."""
+    scores = semantic_scores(class_logits, mask_logits, intermediate)
     return jnp.argmax(resize_bilinear(scores, size), axis=-1)
 
 

@@ -40,6 +40,7 @@ class Task(Protocol):
     best_metric: str  # the checkpoint kept as best; shown on the progress bar
     best_mode: Literal["max", "min"]
     shown_metrics: tuple[str, ...]  # the summary and log lines show these (when present), the bar the first two
+    trainable: Any  # nnx filter of the parameters training updates (the optimizer's `wrt`)
 
     @staticmethod
     def has_data(data_cfg) -> bool:
@@ -73,6 +74,12 @@ class Task(Protocol):
 
     def with_num_classes(self, num_classes: int) -> Task:
         """The same task for a model of `num_classes` classes (a whole-model state dict's)."""
+
+    def load_hf_weights(self, model: nnx.Module, path: str) -> None:
+        """Fills `model` in place from a Hugging Face `save_pretrained` directory (`--init_from hf:`)."""
+
+    def hf_model(self, path: str) -> tuple[Task, nnx.Module]:
+        """(task, model) holding a `save_pretrained` directory's weights and class count (export)."""
 
     def export_signature(self, variant: str = "default") -> tuple[list[tuple[str, tuple]], list[str]]:
         """ONNX inputs as (name, shape), str dims dynamic, and output names (the PyTorch original's)."""
@@ -193,6 +200,7 @@ class TaskBase:
     loss_terms: ClassVar[tuple[str, ...]] = ("loss",)
     count_name: ClassVar[str] = "images"  # what `sums["count"]` counts, in the metrics
     export_variants: ClassVar[tuple[str, ...]] = ("default",)
+    trainable: Any = nnx.Param  # every parameter trains
     class_names: tuple[str, ...]
 
     def __init__(self, cfg):
@@ -263,6 +271,12 @@ class TaskBase:
     def with_num_classes(self, num_classes: int) -> TaskBase:
         """The same task for a model of `num_classes` classes (a PyTorch state dict's)."""
         raise self._unsupported(f"class count other than {len(self.class_names)}")
+
+    def load_hf_weights(self, model: nnx.Module, path: str) -> None:
+        raise self._unsupported("Hugging Face model to import weights from")
+
+    def hf_model(self, path: str) -> tuple[TaskBase, nnx.Module]:
+        raise self._unsupported("Hugging Face model to import weights from")
 
     def check_variant(self, variant: str) -> None:
         if variant not in self.export_variants:

@@ -90,13 +90,14 @@ class QueryMaskModelConfig:
 
 
 @dataclass(frozen=True)
-class QueryMaskLossConfig:
-    # segjax.losses.set_prediction_loss weights (the same weights enter the matching cost).
+class SetLossConfig:
+    """The set-prediction loss of every query model: weights (they enter the matching cost too)
+    and Mask2Former's point sampling (`segjax.losses.Mask2FormerLoss`)."""
+
     class_weight: float = 2.0
     mask_weight: float = 5.0
     dice_weight: float = flag(5.0)
     no_object_weight: float = 0.1  # class weight of "no object" in the classification loss
-    cost_size: int = 0  # matching cost on masks resized to this square (saves memory); 0 = full size
     # 0: matching and mask loss over every pixel, each image normalised by its own targets (hybrid_p3m).
     # > 0: Mask2Former's criterion (segjax.losses.Mask2FormerLoss) at this many points (Mask2Former:
     # 12544), importance-sampled, normalised by the batch's targets; points come from the step's key.
@@ -104,8 +105,31 @@ class QueryMaskLossConfig:
     oversample_ratio: float = 3.0  # with num_points: uniform candidates per point
     importance_sample_ratio: float = 0.75  # with num_points: share of points taken where |logit| is least
     match_method: Literal["optax", "scipy"] = "optax"
+
+
+@dataclass(frozen=True)
+class QueryMaskLossConfig(SetLossConfig):
+    cost_size: int = 0  # matching cost on masks resized to this square (saves memory); 0 = full size
     score_threshold: float = 0.5  # metrics: queries with a lower person probability are left out
     best_metric: Literal["miou", "loss"] = "miou"  # the checkpoint kept as best: max mIoU or min loss
+
+
+def check_set_loss(loss: SetLossConfig) -> None:
+    for key in ("class_weight", "mask_weight", "dice_weight", "no_object_weight"):
+        if getattr(loss, key) < 0:
+            raise ConfigError(f"loss.{key} must be >= 0, got {getattr(loss, key)}")
+    if loss.num_points < 0 or loss.oversample_ratio < 1 or not 0 <= loss.importance_sample_ratio <= 1:
+        raise ConfigError(f"need loss.num_points >= 0, loss.oversample_ratio >= 1 and "
+                          f"0 <= loss.importance_sample_ratio <= 1, got {loss.num_points}, {loss.oversample_ratio}, "
+                          f"{loss.importance_sample_ratio}")
+
+
+def point_criterion(loss: SetLossConfig) -> losses.Mask2FormerLoss:
+    """Mask2Former's criterion with the config's weights and points (loss.num_points > 0)."""
+    return losses.Mask2FormerLoss(
+        class_weight=loss.class_weight, mask_weight=loss.mask_weight, dice_weight=loss.dice_weight,
+        no_object_weight=loss.no_object_weight, num_points=loss.num_points, oversample_ratio=loss.oversample_ratio,
+        importance_sample_ratio=loss.importance_sample_ratio, match_method=loss.match_method)
 
 
 def check(cfg) -> None:
@@ -128,13 +152,9 @@ def check(cfg) -> None:
             raise ConfigError(f"model.{key} must be >= 1, got {kwargs[key]}")
     if not 0 <= kwargs["dropout_rate"] < 1:
         raise ConfigError(f"model.dropout_rate must be within [0, 1), got {kwargs['dropout_rate']}")
-    for key in ("class_weight", "mask_weight", "dice_weight", "no_object_weight", "cost_size"):
-        if getattr(loss, key) < 0:
-            raise ConfigError(f"loss.{key} must be >= 0, got {getattr(loss, key)}")
-    if loss.num_points < 0 or loss.oversample_ratio < 1 or not 0 <= loss.importance_sample_ratio <= 1:
-        raise ConfigError(f"need loss.num_points >= 0, loss.oversample_ratio >= 1 and "
-                          f"0 <= loss.importance_sample_ratio <= 1, got {loss.num_points}, {loss.oversample_ratio}, "
-                          f"{loss.importance_sample_ratio}")
+    check_set_loss(loss)
+    if loss.cost_size < 0:
+        raise ConfigError(f"loss.cost_size must be >= 0, got {loss.cost_size}")
     if not 0 <= loss.score_threshold < 1:
         raise ConfigError(f"loss.score_threshold must be within [0, 1), got {loss.score_threshold}")
 
@@ -273,13 +293,7 @@ class Task(TaskBase):
 
     def _point_loss(self, logits, masks, batch, target_valid, key, image_ok):
         """Mask2Former's criterion over the batch (loss.num_points > 0)."""
-        loss_cfg = self.cfg.loss
-        criterion = losses.Mask2FormerLoss(
-            class_weight=loss_cfg.class_weight, mask_weight=loss_cfg.mask_weight, dice_weight=loss_cfg.dice_weight,
-            no_object_weight=loss_cfg.no_object_weight, num_points=loss_cfg.num_points,
-            oversample_ratio=loss_cfg.oversample_ratio, importance_sample_ratio=loss_cfg.importance_sample_ratio,
-            match_method=loss_cfg.match_method)
-        return criterion([(logits, masks)], batch["mask_labels"], batch["class_labels"], target_valid, key,
+        return point_criterion(self.cfg.loss)([(logits, masks)], batch["mask_labels"], batch["class_labels"], target_valid, key,
                          image_weight=image_ok)
 
     def loss_and_sums(self, model: HybridQueryModel, batch: dict, key: jax.Array):
