@@ -15,8 +15,7 @@ from typing import Literal
 
 from segjax.config import Config, OptimConfig, TrainConfig, updated
 from segjax.data.demo import default_demo_root
-from segjax.tasks.query_semantic import (
-    DEMO_PRETRAINED, Mask2FormerLossConfig, Mask2FormerModelConfig, RoadDataConfig)
+from segjax.tasks.query_semantic import DEMO_PRETRAINED, Mask2FormerLossConfig, Mask2FormerModelConfig, RoadDataConfig
 
 
 def get_config(mode: Literal["train", "test"] = "train", demo: bool = False) -> Config:
@@ -29,11 +28,13 @@ def get_config(mode: Literal["train", "test"] = "train", demo: bool = False) -> 
         optim=OptimConfig(optimizer="adam", lr=5e-5, weight_decay=0.0, scheduler="none"),
         train=TrainConfig(epochs=2, batch_size=8, num_workers=4),
     )
-    if demo:  # the road demo (no data given), from the demo's tiny "pretrained" directory
+    if demo:  # the road demo (no data given), from the demo's tiny random "pretrained" directory:
+        # a random start has nothing worth freezing, so every part trains.
         cfg = updated(cfg, data=dict(crop=(128, 128), base_height=128, scale_min=0.75, scale_max=1.5,
                                      eval_size=(128, 256)),
+                      model=dict(train_parts=("backbone", "pixel_decoder", "transformer")),
                       loss=dict(num_points=1024), optim=dict(lr=1e-3),
-                      train=dict(epochs=12, batch_size=8, num_workers=0, eval_at_start=True,
+                      train=dict(epochs=20, batch_size=8, num_workers=0, eval_at_start=True,
                                  init_from=f"hf:{default_demo_root() / 'roads' / DEMO_PRETRAINED}"))
     if mode == "test":
         cfg = updated(cfg, train=dict(test_only=True, init_from="latest", num_visualizations=8))

@@ -31,6 +31,7 @@ from segjax.train import resolve_config, train_and_evaluate
     ("coco_semantic", {"data.data_root": "coco", "data.num_classes": "4"}),
     ("hybrid_p3m", {"data.train_images": "a", "data.train_masks": "b", "data.val_images": "c", "data.val_masks": "d",
                     "data.image_size": "64"}),
+    ("roadways_mask2former", {"data.data_root": "roads"}),
 ])
 def test_building_a_task_reads_no_data(experiment, paths, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # none of these paths exists

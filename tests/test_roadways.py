@@ -70,12 +70,16 @@ def synthetic_batch(batch: int = 2, size: int = 64) -> dict:
             "valid": np.ones(batch, bool)}
 
 
+def host(x) -> np.ndarray:
+    return np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+
+
 def one_step(task):
     mesh = mesh_lib.make_data_mesh()
     state = setup.build_state(task, mesh, 1, 1)
     step = steps_lib.make_train_step(state.model_def, state.opt_def, task.loss_and_sums, state.shardings,
                                      wrt=task.trainable)
-    before = jax.tree.map(np.asarray, state.model_state)
+    before = jax.tree.map(host, state.model_state)
     model_state, opt_state, sums = step(state.model_state, state.opt_state, synthetic_batch())
     assert int(sums["nonfinite_steps"]) == 0
     return state, before, model_state, opt_state
@@ -86,7 +90,7 @@ def parts_changed(before, after) -> dict[str, bool]:
     changed = {}
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(after)):
         part = str(path[0].key)
-        changed[part] = changed.get(part, False) or not np.array_equal(a, np.asarray(b))
+        changed[part] = changed.get(part, False) or not np.array_equal(a, host(b))
     return changed
 
 

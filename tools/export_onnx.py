@@ -1,6 +1,6 @@
 """Export a trained model to ONNX and check the file against the JAX model with onnxruntime.
 
-python tools/export_onnx.py --experiment NAME (--checkpoint C | --init_from torch:W.pth [--set k=v])
+python tools/export_onnx.py --experiment NAME (--checkpoint C | --init_from torch:W.pth | hf:DIR [--set k=v])
     --out model.onnx [--fp16] [--batch dynamic|N] [--height H --width W] [--variant end_to_end]
     [--model NAME] [--tolerance T]
 
@@ -10,10 +10,12 @@ latest); the model is rebuilt from the config saved with it. C may also be a fol
 unet, deeplabv3 and fastscnn in their own run directories), is exported; a checkpoint of another
 model than --model is refused. With --init_from the model is the one the weights describe: the
 experiment's full size (never its demo variant), model.name from --model, and the class count of
-the state dict's classifier. Variants are the task's (roi_human: "default" is the ROI head on
-stride-8 features, "end_to_end" the head on the built-in backbone). The max difference and argmax
-agreement of every check are printed; the exit status is 1 when one exceeds its tolerance (the
-model is then left at <out>.unchecked.onnx), 2 for usage errors.
+the state dict's classifier; `hf:DIR` (a transformers `save_pretrained` directory, for
+roadways_mask2former) gives the directory's own architecture, classes and weights. Variants are
+the task's (roi_human: "default" is the ROI head on stride-8 features, "end_to_end" the head on
+the built-in backbone). The max difference and argmax agreement of every check are printed; the
+exit status is 1 when one exceeds its tolerance (the model is then left at <out>.unchecked.onnx),
+2 for usage errors.
 """
 from __future__ import annotations
 
@@ -33,8 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="run dir, checkpoint dir or step dir, or a folder of runs (see --model)")
-    source.add_argument("--init_from", metavar="torch:PATH",
-                        help="a PyTorch state dict (.pth/.safetensors) of the experiment's model instead")
+    source.add_argument("--init_from", metavar="torch:PATH|hf:DIR",
+                        help="a PyTorch state dict (.pth/.safetensors) of the experiment's model, or a transformers "
+                             "save_pretrained directory, instead")
     parser.add_argument("--out", required=True, help="the .onnx file to write")
     parser.add_argument("--model", help="model.name to export: of the state dict (--init_from), or of the run to "
                                         "pick under --checkpoint")
@@ -61,14 +64,15 @@ def load_weights(args: argparse.Namespace):
     precision it trained in (bfloat16 ONNX does not run on onnxruntime's CPU provider)."""
     experiment = config_lib.load_experiment(args.experiment).experiment
     if args.init_from:
-        if not args.init_from.startswith("torch:"):
-            raise config_lib.ConfigError(f"--init_from expects torch:PATH, got {args.init_from!r}")
+        if not args.init_from.startswith(("torch:", "hf:")):
+            raise config_lib.ConfigError(f"--init_from expects torch:PATH or hf:DIR, got {args.init_from!r}")
         # The model the weights describe: the experiment's own sizes, never its demo variant.
         args.set = ["train.precision=fp32", *args.set, *([f"model.name={args.model}"] if args.model else [])]
         if args.model and not config_lib.has_path(config_lib.load_experiment(args.experiment), "model.name"):
             raise config_lib.ConfigError(f"--model: experiment {experiment!r} has a single model (no model.name)")
-        return setup.torch_model(tasks.build(cli.experiment_config(args, demo=False)),
-                                 args.init_from.removeprefix("torch:"))
+        task = tasks.build(cli.experiment_config(args, demo=False))
+        kind, _, path = args.init_from.partition(":")
+        return setup.torch_model(task, path) if kind == "torch" else task.hf_model(path)
     checkpoint = setup.locate(args.checkpoint, experiment, args.model)
     restored = setup.restore_model(checkpoint, overrides=["train.precision=fp32"])
     if restored.task.cfg.experiment != experiment:

@@ -293,8 +293,8 @@ class Task(TaskBase):
 
     def _point_loss(self, logits, masks, batch, target_valid, key, image_ok):
         """Mask2Former's criterion over the batch (loss.num_points > 0)."""
-        return point_criterion(self.cfg.loss)([(logits, masks)], batch["mask_labels"], batch["class_labels"], target_valid, key,
-                         image_weight=image_ok)
+        return point_criterion(self.cfg.loss)([(logits, masks)], batch["mask_labels"], batch["class_labels"],
+                                              target_valid, key, image_weight=image_ok)
 
     def loss_and_sums(self, model: HybridQueryModel, batch: dict, key: jax.Array):
         out = model(batch["image"].astype(self.compute_dtype) / 255.0)  # uint8 travels, device normalises

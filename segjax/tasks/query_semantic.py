@@ -93,6 +93,10 @@ class Mask2FormerLossConfig(SetLossConfig):
     num_points: int = 12544  # Mask2Former's; required (> 0) here
 
 
+def _demo_root(data: RoadDataConfig) -> Path:
+    return (Path(data.demo_root) if data.demo_root else demo.default_demo_root()) / "roads"
+
+
 def _hf_path(init_from: str) -> str:
     return init_from.removeprefix("hf:") if init_from.startswith("hf:") else ""
 
@@ -142,6 +146,8 @@ class Task(TaskBase):
     def __init__(self, cfg):
         super().__init__(cfg)
         hf_dir = _hf_path(cfg.train.init_from)
+        if hf_dir and Path(hf_dir) == _demo_root(cfg.data) / DEMO_PRETRAINED:
+            write_demo_pretrained(Path(hf_dir))  # the demo's start, written when asked for
         if hf_dir and not cfg.model.hf_config:  # the architecture is the checkpoint's
             self.cfg = dataclasses.replace(
                 self.cfg, model=dataclasses.replace(cfg.model, hf_config=_read_hf_config(hf_dir)))
@@ -177,9 +183,8 @@ class Task(TaskBase):
             data = dataclasses.replace(data, class_names=classes.names,
                                        class_colours=tuple(int(v) for c in classes.colours for v in c))
         if not data.data_root:
-            root = (Path(data.demo_root) if data.demo_root else demo.default_demo_root()) / "roads"
+            root = _demo_root(data)
             lists = prepare_road_demo(root)
-            write_demo_pretrained(root / DEMO_PRETRAINED)
             log.info("no data given: using the road demo at %s (training list: its ranked subset %s)",
                      root, lists["train"])
             data = dataclasses.replace(data, data_root=str(root), train_list=lists["train"], val_list=lists["val"])
