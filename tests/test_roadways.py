@@ -188,7 +188,7 @@ def test_resume_is_exact(straight, roads, tmp_path):
     cfg, _ = resolve_config(["--experiment", "roadways_mask2former", "--resume", interrupted["run_dir"]])
     resumed = train_and_evaluate(cfg)
     for a, b in zip(jax.tree.leaves(straight["model_state"]), jax.tree.leaves(resumed["model_state"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(host(a), host(b), rtol=0, atol=1e-6)
     assert abs(straight["last_val"]["loss"] - resumed["last_val"]["loss"]) <= 1e-5
 
 
@@ -209,3 +209,16 @@ def test_export_from_hf_dir(roads, tmp_path, variant, capsys):
     names = [o.name for o in graph.output]
     assert names == (["segmentation"] if variant == "semantic" else
                      ["class_queries_logits", "masks_queries_logits"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "model.train_parts=head"], "model.train_parts must name some of"),
+    (["--init_from", "hf:/nonexistent/dir"], "not a Hugging Face model directory"),
+    (["--set", "loss.num_points=0"], "loss.num_points must be >= 1"),
+])
+def test_user_mistakes_are_one_line(extra, message, tmp_path, capsys):
+    from segjax.train import main
+
+    assert main(["--experiment", "roadways_mask2former", "--data_root", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image
 
 from segjax import losses, metrics
 from segjax.config import ConfigError, flag
@@ -41,7 +40,7 @@ from segjax.data.demo_roads import prepare_road_demo
 from segjax.data.voc import SegmentationSource
 from segjax.models import mask2former
 from segjax.models.mask2former import MASK2FORMER_VARIANTS, Mask2Former
-from segjax.tasks.base import TaskBase, Transform
+from segjax.tasks.base import TaskBase, Transform, class_map
 from segjax.tasks.query_masks import SetLossConfig, check_set_loss, point_criterion
 
 log = logging.getLogger("segjax")
@@ -152,8 +151,8 @@ class Task(TaskBase):
             self.cfg = dataclasses.replace(
                 self.cfg, model=dataclasses.replace(cfg.model, hf_config=_read_hf_config(hf_dir)))
         self.class_names = self.cfg.data.class_names
-        self.palette = np.zeros((256, 3), np.uint8)
-        self.palette[:len(self.class_names)] = np.reshape(self.cfg.data.class_colours, (-1, 3))
+        self._palette = np.zeros((256, 3), np.uint8)
+        self._palette[:len(self.class_names)] = np.reshape(self.cfg.data.class_colours, (-1, 3))
         self.trainable = nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(p) for p in self.cfg.model.train_parts)))
         self._scans: dict[str, roads.LabelScan] = {}
 
@@ -301,8 +300,12 @@ class Task(TaskBase):
     def panels(self, batch: dict, outputs: dict, index: int) -> list[np.ndarray]:
         """Image | ground truth | prediction, in the class colours, at the model's input size."""
         image = batch["image"][index]
-        return [image, roads.overlay(image, batch["mask"][index], self.palette),
-                roads.overlay(image, outputs["pred"][index], self.palette)]
+        return [image, roads.overlay(image, batch["mask"][index], self._palette),
+                roads.overlay(image, outputs["pred"][index], self._palette)]
+
+    def palette(self) -> np.ndarray:
+        """The class set's colours."""
+        return self._palette
 
     # --- export and prediction ---
     def export_signature(self, variant: str = "default") -> tuple[list[tuple[str, tuple]], list[str]]:
@@ -313,18 +316,11 @@ class Task(TaskBase):
     def export_forward(self, model: Mask2Former, images: jax.Array, *, variant: str = "default") -> tuple:
         return mask2former.export_forward(model, images, variant=variant)
 
-    def predict_inputs(self, image: np.ndarray, **options) -> tuple[dict, tuple[int, int]]:
-        """The image resized to data.eval_size (as in validation) as `images` in [0, 1]; context:
-        its own size."""
-        height, width = self.cfg.data.eval_size
-        resized = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
-        return {"images": resized[None].astype(np.float32) / 255.0}, image.shape[:2]
-
-    def postprocess(self, outputs: dict, context: tuple[int, int]) -> np.ndarray:
-        """Mask2Former's outputs -> class map at the image's size (transformers' post-processing)."""
-        pred = mask2former.semantic_segmentation(outputs["class_queries_logits"], outputs["masks_queries_logits"],
-                                                 context)
-        return np.asarray(pred[0]).astype(np.uint8)
+    def postprocess(self, outputs, context) -> np.ndarray:
+        """transformers' semantic scores (as validation) of the letterboxed image, cropped to it and
+        bilinearly resized to its own size, argmax (segjax.predict's letterbox and class_map)."""
+        scores = mask2former.semantic_scores(jnp.asarray(outputs[0]), jnp.asarray(outputs[1]))
+        return class_map(np.moveaxis(np.asarray(scores[0]), -1, 0), context)
 
 
 def full_resolution(class_logits: jax.Array, mask_logits: jax.Array, sizes: jax.Array,
