@@ -42,7 +42,7 @@ def roads(tmp_path_factory) -> dict:
     hf_dir = root / "hf"
     kwargs = TINY
     model = Mask2Former(3, **kwargs, rngs=nnx.Rngs(5))
-    save_hf_mask2former(model, hf_dir, hf_config(3, kwargs, ["a", "b", "c"]))
+    save_hf_mask2former(model, hf_dir, ["a", "b", "c"])
     return {"root": str(root / "roads"), **lists, "hf": str(hf_dir)}
 
 

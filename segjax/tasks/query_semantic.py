@@ -122,7 +122,7 @@ def write_demo_pretrained(path: Path, num_classes: int = 19) -> Path:
     """A tiny random Mask2Former as a transformers directory: the demo's "pretrained" start. Its
     19 classes (Cityscapes') differ from the task's, so the class head is re-initialised as with a
     real checkpoint."""
-    from segjax.bridge.hf_mask2former import hf_config, save_hf_mask2former
+    from segjax.bridge.hf_mask2former import save_hf_mask2former
 
     kwargs = MASK2FORMER_VARIANTS["tiny"]
     params = {"classes": num_classes, "model": json.loads(json.dumps(kwargs))}
@@ -130,7 +130,7 @@ def write_demo_pretrained(path: Path, num_classes: int = 19) -> Path:
 
     def write():
         model.append(nnx.jit(lambda: Mask2Former(num_classes, **kwargs, rngs=nnx.Rngs(1234)))())
-        save_hf_mask2former(model[0], path, hf_config(num_classes, kwargs))
+        save_hf_mask2former(model[0], path)
 
     path.mkdir(parents=True, exist_ok=True)
     demo.cached_demo(path, "mask2former_tiny", 1, params, [path / "config.json", path / "model.safetensors"], write)
