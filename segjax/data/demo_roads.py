@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from segjax.data.demo import cached_demo, person_parts, random_colour, rasterise
-from segjax.data.prepare_roads import split_pool, write_lists
+from segjax.data.prepare import split_pool, write_lists
 from segjax.data.roads import DEFAULT_SUFFIXES, IDD_LEVEL3, IGNORE, RoadLayout, load_road_data
 from segjax.data.subset import write_selection
 
