@@ -35,7 +35,7 @@ from flax import nnx
 
 from segjax import losses, metrics
 from segjax.config import ConfigError, flag
-from segjax.data import demo, roads
+from segjax.data import demo, roads, transforms
 from segjax.data.demo_roads import prepare_road_demo
 from segjax.data.voc import SegmentationSource
 from segjax.models import mask2former
@@ -257,7 +257,7 @@ class Task(TaskBase):
 
     def train_data(self):
         data = self.cfg.data
-        example = functools.partial(roads.make_train_example, lut=self._lut(), crop=tuple(data.crop),
+        example = functools.partial(transforms.make_train_example, lut=self._lut(), crop=tuple(data.crop),
                                     base_height=data.base_height, scale=(data.scale_min, data.scale_max),
                                     flip=data.flip)
         return SegmentationSource(self._scan("train").pairs), Transform(example)
@@ -265,7 +265,7 @@ class Task(TaskBase):
     def val_data(self):
         scan = self._scan("val")
         # Labels sit top-left in one canvas of the largest size, so full-resolution batches are static.
-        example = functools.partial(roads.make_eval_example, lut=self._lut(), size=tuple(self.cfg.data.eval_size),
+        example = functools.partial(transforms.make_eval_example, lut=self._lut(), size=tuple(self.cfg.data.eval_size),
                                     full_size=tuple(int(v) for v in scan.sizes.max(0)))
         return SegmentationSource(scan.pairs), Transform(example)
 
