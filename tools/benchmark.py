@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -24,9 +25,8 @@ import time
 import flax
 import jax
 
-from segjax import cli
+from segjax import cli, tasks
 from segjax import config as config_lib
-from segjax import tasks
 from segjax.data import pipeline
 from segjax.engine import mesh as mesh_lib
 from segjax.engine import steps as steps_lib
@@ -144,8 +144,8 @@ def benchmark(args: argparse.Namespace) -> dict:
         task = task if precision == precisions[0] else tasks.build(with_precision(cfg, precision))
         steps = Steps(task, mesh, steps_per_epoch)
         results[precision] = {
-            "train": time_step(lambda: steps.train(placed), args.repeats, batch_size),
-            "eval": time_step(lambda: steps.eval(placed), args.repeats, batch_size),
+            "train": time_step(functools.partial(steps.train, placed), args.repeats, batch_size),
+            "eval": time_step(functools.partial(steps.eval, placed), args.repeats, batch_size),
         }
         if precision == precisions[0]:
             baseline = steps  # the hot-loop measurement uses the baseline precision
