@@ -1,6 +1,6 @@
 """python -m segjax.predict (--checkpoint RUN | --onnx MODEL) (--image X ... | --input_dir DIR): segment images.
 
-Every image is letterboxed to the model's square input (one compiled shape for any image size),
+Every image is letterboxed to the model's input size (one compiled shape for any image size),
 run through the task's export forward (`task.export_forward` of its `predict_variant`, in JAX
 with float32 arithmetic) or through the same forward exported to ONNX (`--onnx`, onnxruntime),
 and turned into a class per pixel at the image's own size by the task (`task.postprocess`). Both
@@ -56,10 +56,10 @@ ALPHA = 0.5
 
 class Runner:
     """The task's predict forward on inputs by name: `images` uint8 NHWC, made float NCHW in
-    [0, 1] here, as the exported graph takes them. `side` is the model's input side."""
+    [0, 1] here, as the exported graph takes them. `size` is the model's input (height, width)."""
 
-    def __init__(self, names: list[str], side: int, forward: Callable, stages: list[tuple[str, Callable]]):
-        self.names, self.side, self.forward, self.stages = names, side, forward, stages
+    def __init__(self, names: list[str], size: tuple[int, int], forward: Callable, stages: list[tuple[str, Callable]]):
+        self.names, self.size, self.forward, self.stages = names, size, forward, stages
 
     def __call__(self, inputs: dict) -> list[np.ndarray]:
         return [np.asarray(x) for x in self.forward(*(inputs[name] for name in self.names))]
@@ -84,11 +84,11 @@ class Runner:
         return medians
 
 
-def _square_side(shape, source: str) -> int:
+def _input_size(shape, source: str) -> tuple[int, int]:
     height, width = shape[-2:]
-    if not isinstance(height, int) or height != width:
-        raise ConfigError(f"{source}: prediction needs a square image input, got {height}x{width}")
-    return height
+    if not (isinstance(height, int) and isinstance(width, int)):
+        raise ConfigError(f"{source}: prediction needs a fixed image input size, got {height}x{width}")
+    return height, width
 
 
 def _images_nchw(images, xp=jnp):
@@ -116,8 +116,8 @@ def jax_runner(checkpoint: str):
     jitted = jax.jit(forward)
     stages = [(name, functools.partial(jax.jit(lambda s, x, fn=fn: fn(nnx.merge(graphdef, s), x)), state))
               for name, fn in task.inference_stages()]
-    side = _square_side(dict(signature)["images"], checkpoint)
-    return task, Runner(names, side, functools.partial(jitted, state), stages)
+    size = _input_size(dict(signature)["images"], checkpoint)
+    return task, Runner(names, size, functools.partial(jitted, state), stages)
 
 
 def onnx_runner(path: str, checkpoint: str | None, providers: list[str]):
@@ -153,7 +153,7 @@ def onnx_runner(path: str, checkpoint: str | None, providers: list[str]):
         feed = {"images": _images_nchw(images, np)} | dict(zip(names[1:], rest))
         return session.run(outputs, feed)
 
-    return task, Runner(names, _square_side(inputs["images"], path), forward, [])
+    return task, Runner(names, _input_size(inputs["images"], path), forward, [])
 
 
 # ---------------------------------------------------------------- inputs
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
-        inputs, context = task.predict_inputs(image, side=runner.side, **options(path))
+        inputs, context = task.predict_inputs(image, size=runner.size, **options(path))
         mask = task.postprocess(runner(inputs), context)
         save(mask, overlay(image, mask, palette, task.class_names), palette, out_dir, name)
         timed = timed or inputs
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{done} of {len(images)} images segmented into {out_dir}" + (f"; {failed} unreadable" if failed else ""))
     if args.timing and timed is not None:
         medians = runner.time(timed, args.repeats)
-        print(f"median inference time over {args.repeats} runs, batch 1, {runner.side}x{runner.side}:")
+        print(f"median inference time over {args.repeats} runs, batch 1, {runner.size[0]}x{runner.size[1]}:")
         for name, seconds in medians.items():
             print(f"  {name:<10} {seconds * 1e3:10.3f} ms")
     return 1 if failed else 0

@@ -24,7 +24,7 @@ from segjax.bridge.hf_mask2former import (
     model_kwargs,
     save_hf_mask2former,
 )
-from segjax.export.onnx import _convert, export
+from segjax.export.onnx import convert, export
 from segjax.models.layers import imagenet_normalize
 from segjax.models.mask2former import (
     EXPORT_OUTPUTS,
@@ -274,7 +274,7 @@ def test_semantic_postprocessing_matches_transformers(pair, hf):
     mask_logits = pair.expected.masks_queries_logits.numpy()
     ours = np.asarray(semantic_segmentation(class_logits, mask_logits, size))
     np.testing.assert_array_equal(ours, expected)
-    proto = _convert(lambda c, m: (semantic_int64(c, m, size),),
+    proto = convert(lambda c, m: (semantic_int64(c, m, size),),
                      [("class_queries_logits", ("B", *class_logits.shape[1:])),
                       ("masks_queries_logits", ("B", *mask_logits.shape[1:]))], ["segmentation"], 23)
     import onnxruntime

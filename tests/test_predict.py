@@ -93,7 +93,7 @@ def test_class_map_matches_torch_interpolate_and_streams_in_bands(monkeypatch, r
     torch = ref.torch
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(5, 32, 32)).astype(np.float32)
-    box = base.Letterbox(height=45, width=71, side=32, content=(20, 32), scale=32 / 71)
+    box = base.Letterbox(height=45, width=71, size=(32, 32), content=(20, 32), scale=32 / 71)
     expected = torch.nn.functional.interpolate(torch.from_numpy(scores[None, :, :20]), size=(45, 71), mode="bilinear",
                                                align_corners=False)[0].argmax(0).numpy()
     whole = base.class_map(scores, box)
@@ -142,7 +142,7 @@ def test_roi_boxes_are_pasted_and_combined_by_the_maximum():
     task = tasks.build(override(cfg, "data.image_size", "64"))
     image = np.full((100, 100, 3), 100, np.uint8)  # the legend takes the top left
     boxes = np.array([[10, 45, 50, 75], [40, 50, 90.5, 70]], np.float32)  # overlapping at x 40..50
-    inputs, context = task.predict_inputs(image, side=64, boxes=boxes)
+    inputs, context = task.predict_inputs(image, size=(64, 64), boxes=boxes)
     assert inputs["images"].shape == (1, 64, 64, 3) and inputs["images"].dtype == np.uint8
     np.testing.assert_allclose(inputs["rois"][:2, 1:], boxes * 0.64)  # letterbox scale 64 / 100
     np.testing.assert_array_equal(inputs["rois"][:, 0], 0)

@@ -121,7 +121,7 @@ def test_predict_mask_is_the_metric_rule_and_onnx_gives_the_same(trained, realda
         # The runtimes' scores differ within the export check's 1e-4: a pixel may flip only where its
         # score is that close to the 0.5 threshold (found by moving the background's score by it).
         image = read_rgb(photo)
-        inputs, context = task.predict_inputs(image, side=SIZE)
+        inputs, context = task.predict_inputs(image, size=(SIZE, SIZE))
         outputs = task.export_forward(model, jnp.moveaxis(jnp.asarray(inputs["images"], jnp.float32) / 255.0, -1, 1))
         scores = task.class_scores(*(np.asarray(x)[0] for x in outputs))
         low, high = (class_map(np.concatenate([scores[:1] + shift, scores[1:]]), context) for shift in (-1e-4, 1e-4))
@@ -131,7 +131,7 @@ def test_predict_mask_is_the_metric_rule_and_onnx_gives_the_same(trained, realda
         np.testing.assert_array_equal(onnx_mask[decided], low[decided])
     # At the model's own size the mask is the metric's prediction, pixel for pixel.
     image = np.asarray(Image.open(sorted(photos.glob("*.jpg"))[0]).convert("RGB").resize((SIZE, SIZE)))
-    inputs, context = task.predict_inputs(image, side=SIZE)
+    inputs, context = task.predict_inputs(image, size=(SIZE, SIZE))
     logits, masks = task.export_forward(model, jnp.moveaxis(jnp.asarray(inputs["images"], jnp.float32) / 255.0, -1, 1))
     expected = np.asarray(combine_queries(logits, masks, PERSON, task.cfg.loss.score_threshold) > 0.5)[0]
     np.testing.assert_array_equal(task.postprocess([np.asarray(logits), np.asarray(masks)], context), expected)

@@ -222,3 +222,30 @@ def test_user_mistakes_are_one_line(extra, message, tmp_path, capsys):
     assert main(["--experiment", "roadways_mask2former", "--data_root", str(tmp_path), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_predict_jax_and_onnx_on_real_road_photos(straight, realdata, tmp_path, capsys):
+    """segjax.predict on the run (a 64×128 model input, not square) and on its exported model:
+    real CamVid photos segmented at their own size, the same masks both ways (but for pixels where
+    f32 rounding decides an argmax between near-equal class scores)."""
+    from flax import nnx
+    from PIL import Image
+
+    from segjax import predict
+    from segjax.export.onnx import export
+
+    images = realdata / "icevision/samples/camvid/images"
+    restored = setup.restore_model(straight["run_dir"], overrides=["train.precision=fp32"])
+    export(restored.task, nnx.merge(restored.graphdef, restored.state), tmp_path / "m.onnx")
+    assert predict.main(["--checkpoint", straight["run_dir"], "--input_dir", str(images),
+                         "--out_dir", str(tmp_path / "jax")]) == 0, capsys.readouterr().err
+    assert predict.main(["--onnx", str(tmp_path / "m.onnx"), "--input_dir", str(images),
+                         "--out_dir", str(tmp_path / "onnx")]) == 0, capsys.readouterr().err
+    masks = sorted((tmp_path / "jax").glob("*_mask.png"))
+    assert len(masks) == len(list(images.iterdir())) > 0
+    for path in masks:
+        mask = np.asarray(Image.open(path))
+        photo = Image.open(images / path.name.replace("_mask.png", ".png"))
+        assert mask.shape == (photo.height, photo.width) and mask.max() < 26
+        assert (mask == np.asarray(Image.open(tmp_path / "onnx" / path.name))).mean() > 0.999
+        assert (tmp_path / "jax" / path.name.replace("_mask", "_overlay")).exists()

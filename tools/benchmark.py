@@ -4,6 +4,8 @@ python tools/benchmark.py --experiment roi_human [--set k=v ...] [--repeats N] [
     [--precision fp32|bf16|both] [--full_size]
 python tools/benchmark.py --against torch [--models a,b] ...   (segjax against PyTorch, every
     model side by side; see tools/against_torch.py)
+python tools/benchmark.py --against transformers [--size 384 --batch 2 --repeats 5]   (Mask2Former
+    Swin-T forward and frozen fine-tuning step against transformers'; tools/mask2former_speed.py)
 
 Each ratio compares with a baseline measured in the same run: bf16 against fp32 step times; the
 grain train pipeline's images/s against the train step's; a loop that moves a real host batch to
@@ -184,8 +186,12 @@ def benchmark(args: argparse.Namespace) -> dict:
 @cli.guarded
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--against" in argv:
-        import against_torch  # tools/ is on sys.path when this file runs as a script
+    if "--against" in argv:  # tools/ is on sys.path when this file runs as a script
+        at = argv.index("--against")
+        if argv[at + 1:at + 2] == ["transformers"]:  # Mask2Former against transformers' model
+            import mask2former_speed
+            return mask2former_speed.main(argv[:at] + argv[at + 2:])
+        import against_torch
         return against_torch.main(argv)
     setup_console_logging()
     args = parse_args(argv)

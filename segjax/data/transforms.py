@@ -19,16 +19,19 @@ from segjax.data.voc import SegPair, read_mask
 logger = logging.getLogger(__name__)
 
 
-def letterbox_size(height: int, width: int, size: int) -> tuple[int, int, float]:
-    """(content height, content width, scale) of an image letterboxed into size x size."""
-    scale = size / max(height, width)
-    return min(size, max(1, round(height * scale))), min(size, max(1, round(width * scale))), scale
+def letterbox_size(height: int, width: int, size: int | tuple[int, int]) -> tuple[int, int, float]:
+    """(content height, content width, scale) of an image letterboxed into size x size (or a
+    (height, width) size)."""
+    size_h, size_w = (size, size) if isinstance(size, int) else size
+    scale = min(size_h / height, size_w / width)
+    return min(size_h, max(1, round(height * scale))), min(size_w, max(1, round(width * scale))), scale
 
 
 def resize_letterbox(
-    image: np.ndarray, size: int, *, fill: int = 0, resample: Image.Resampling = Image.Resampling.BILINEAR
+    image: np.ndarray, size: int | tuple[int, int], *, fill: int = 0,
+    resample: Image.Resampling = Image.Resampling.BILINEAR,
 ) -> tuple[np.ndarray, float]:
-    """Resize the long side to `size` and pad bottom/right with `fill` to size x size.
+    """Resize to fit `size` (an int: size x size, or (height, width)) and pad bottom/right with `fill`.
 
     Works for HxWxC images and HxW label maps (pass NEAREST so no new label appears).
     Returns the padded array and the scale applied to pixel coordinates.
@@ -37,7 +40,7 @@ def resize_letterbox(
     new_h, new_w, scale = letterbox_size(height, width, size)
     if (new_h, new_w) != (height, width):
         image = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample))
-    out = np.full((size, size, *image.shape[2:]), fill, dtype=image.dtype)
+    out = np.full(((size, size) if isinstance(size, int) else tuple(size)) + image.shape[2:], fill, dtype=image.dtype)
     out[:new_h, :new_w] = image
     return out, scale
 

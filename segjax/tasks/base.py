@@ -88,11 +88,11 @@ class Task(Protocol):
         """NCHW float32 inputs (images in [0, 1]) -> NCHW outputs, as the PyTorch original."""
 
     predict_variant: str  # the export variant prediction runs, in JAX and from an .onnx file
-    predict_options: tuple[str, ...]  # keyword options predict_inputs needs beyond `side` (e.g. boxes)
+    predict_options: tuple[str, ...]  # keyword options predict_inputs needs beyond `size` (e.g. boxes)
 
-    def predict_inputs(self, image: np.ndarray, *, side: int, **options) -> tuple[dict, Any]:
+    def predict_inputs(self, image: np.ndarray, *, size: tuple[int, int], **options) -> tuple[dict, Any]:
         """One RGB uint8 image [H, W, 3] -> (the `predict_variant`'s export inputs by name, a batch
-        of one with `images` as uint8 NHWC of side `side`; context for `postprocess`)."""
+        of one with `images` as uint8 NHWC of `size` (height, width); context for `postprocess`)."""
 
     def postprocess(self, outputs: Sequence[np.ndarray], context: Any) -> np.ndarray:
         """The export outputs for `predict_inputs` -> a uint8 class-index map at the image's own size."""
@@ -107,22 +107,22 @@ class Task(Protocol):
 
 @dataclass(frozen=True)
 class Letterbox:
-    """Where an image sits in a model input of `side` × `side`: its top-left `content` (height,
+    """Where an image sits in a model input of `size` (height, width): its top-left `content` (height,
     width) box, the rest padding; `height` × `width` is its own size."""
 
     height: int
     width: int
-    side: int
+    size: tuple[int, int]
     content: tuple[int, int]
     scale: float  # input pixels per image pixel
 
 
-def letterbox(image: np.ndarray, side: int) -> tuple[np.ndarray, Letterbox]:
-    """An RGB image letterboxed (as in evaluation) into a batch of one [1, side, side, 3] uint8."""
-    boxed, scale = transforms.resize_letterbox(image, side)
+def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
+    """An RGB image letterboxed (as in evaluation) into a batch of one [1, height, width, 3] uint8."""
+    boxed, scale = transforms.resize_letterbox(image, size)
     height, width = image.shape[:2]
-    content_h, content_w, _ = transforms.letterbox_size(height, width, side)
-    return boxed[None], Letterbox(height, width, side, (content_h, content_w), scale)
+    content_h, content_w, _ = transforms.letterbox_size(height, width, size)
+    return boxed[None], Letterbox(height, width, tuple(size), (content_h, content_w), scale)
 
 
 def bilinear_axis(count: int, length: int, start: float, stop: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -149,7 +149,7 @@ def class_map(scores: np.ndarray, box: Letterbox) -> np.ndarray:
     [K, h, w] over the whole model input: cropped to the letterbox content, bilinearly resized to the
     image's size, in bands of rows so that large images need little memory."""
     _, h, w = scores.shape
-    stop_y, stop_x = box.content[0] * h / box.side, box.content[1] * w / box.side
+    stop_y, stop_x = box.content[0] * h / box.size[0], box.content[1] * w / box.size[1]
     scores = scores.astype(np.float32, copy=False)
     cols = bilinear_axis(box.width, int(np.ceil(stop_x)), 0.0, stop_x)
     out = np.empty((box.height, box.width), np.uint8)
@@ -291,9 +291,9 @@ class TaskBase:
     predict_variant: ClassVar[str] = "default"
     predict_options: ClassVar[tuple[str, ...]] = ()
 
-    def predict_inputs(self, image: np.ndarray, *, side: int, **options) -> tuple[dict, Any]:
+    def predict_inputs(self, image: np.ndarray, *, size: tuple[int, int], **options) -> tuple[dict, Any]:
         """The image letterboxed (segjax.tasks.base.letterbox) as `images`."""
-        images, box = letterbox(image, side)
+        images, box = letterbox(image, size)
         return {"images": images}, box
 
     def postprocess(self, outputs: Sequence[np.ndarray], context: Any) -> np.ndarray:

@@ -270,10 +270,10 @@ class Task(TaskBase):
             palette[cls] = colour
         return palette
 
-    def predict_inputs(self, image: np.ndarray, *, side: int, boxes: np.ndarray) -> tuple[dict, Any]:
+    def predict_inputs(self, image: np.ndarray, *, size: tuple[int, int], boxes: np.ndarray) -> tuple[dict, Any]:
         """`images` and `rois` [K, 5] of the person `boxes` [N, 4] (x1, y1, x2, y2 in image pixels);
         K is N rounded up to a power of two (dummy boxes after them) so that few ROI counts compile."""
-        images, box = letterbox(image, side)
+        images, box = letterbox(image, size)
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         rois = np.zeros((1 << max(len(boxes) - 1, 0).bit_length(), 5), np.float32)
         rois[:, 3:] = 1.0
