@@ -307,10 +307,13 @@ def segment(argv: list[str], stop_after: int, *, devices: int = 1, processes: in
                    str(i), str(heartbeat)], devices=devices) for i in range(processes)]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 12, open: on an idle machine the 4-device -> 2-process -> 1-device "
-                   "chain ends 3.7e-5 to 2.1e-4 from the 1-device run (run to run), above 1e-5; not yet explained")
 def test_resume_on_other_device_and_process_counts(data, tmp_path):
-    sgd = ["--epochs", "3", "--optimizer", "sgd", "--lr", "0.01"]
+    # As in test_train's four-devices-match-one: SGD, batch 16 (one step per epoch). The restore
+    # itself is exact, but each sharding sums gradients in its own order, and SGD with BatchNorm
+    # amplifies that fp32 noise step by step: at batch 4 (4 steps an epoch), one fsdp epoch
+    # already ends 1.2e-5 from one device while 4 data-parallel steps end 1.6e-6 away.
+    sgd = ["--epochs", "3", "--optimizer", "sgd", "--lr", "0.01", "--batch_size", "16",
+           "--set", "train.eval_batch_size=8"]
     reference = run(tiny_argv(data, tmp_path / "reference", *sgd))
     fsdp = ["--set", "mesh.data=2", "--set", "mesh.fsdp=2", "--set", "mesh.min_shard_bytes=0"]
     (child,) = segment(tiny_argv(data, tmp_path / "runs", *sgd, *fsdp), 1, devices=4)
