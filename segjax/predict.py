@@ -47,6 +47,7 @@ from segjax import config as config_lib
 from segjax.config import ConfigError
 from segjax.data.errors import DataError
 from segjax.data.files import IMAGE_SUFFIXES, BadImage, read_rgb
+from segjax.engine import steps as steps_lib
 from segjax.engine.runlog import setup_console_logging
 from segjax.engine.setup import checkpoint_config, restore_model
 
@@ -113,9 +114,9 @@ def jax_runner(checkpoint: str):
     def forward(s, images, *rest):
         return task.export_forward(nnx.merge(graphdef, s), _images_nchw(images), *rest, variant=task.predict_variant)
 
-    jitted = jax.jit(forward)
-    stages = [(name, functools.partial(jax.jit(lambda s, x, fn=fn: fn(nnx.merge(graphdef, s), x)), state))
-              for name, fn in task.inference_stages()]
+    jitted = steps_lib.inference_jit(forward)
+    stages = [(name, functools.partial(steps_lib.inference_jit(lambda s, x, fn=fn: fn(nnx.merge(graphdef, s), x)),
+                                       state)) for name, fn in task.inference_stages()]
     size = _input_size(dict(signature)["images"], checkpoint)
     return task, Runner(names, size, functools.partial(jitted, state), stages)
 

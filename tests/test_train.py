@@ -220,6 +220,21 @@ def test_step_key_follows_the_seed_and_optimizer_step():
     eval_step = steps_lib.make_eval_step(model_def, loss_fn, seed=7)
     assert float(eval_step(model_state, batch)[0]["draw"]) == float(jax.random.uniform(jax.random.key(7)))
 
+
+def test_inference_programs_take_xla_convolutions_on_cpu():
+    """Evaluation and prediction compile convolutions without YNNPACK (faster CNN forwards on this
+    CPU, steps.CPU_INFERENCE_OPTIONS); a plain jit keeps it. Same numbers."""
+    x = jax.random.normal(jax.random.key(0), (1, 32, 32, 64))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 64, 64)) * 0.05
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    default = jax.jit(conv).lower(x, w).compile()
+    inference = steps_lib.inference_jit(conv).lower(x, w).compile()
+    assert "ynn_fusion" in default.as_text() and "ynn_fusion" not in inference.as_text()
+    np.testing.assert_allclose(np.asarray(inference(x, w)), np.asarray(default(x, w)), rtol=1e-5, atol=1e-5)
+
 PARITY_SCRIPT = """
 import json, sys
 import jax

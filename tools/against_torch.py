@@ -182,7 +182,7 @@ def run_segjax(bench: Bench, data: dict, args) -> dict:
         return loss, ({"loss": loss}, None)
 
     train_step = steps_lib.make_train_step(model_def, opt_def, loss_fn, shardings)
-    eval_step = jax.jit(lambda state, batch: forward(nnx.merge(eval_def, state), batch))
+    eval_step = steps_lib.inference_jit(lambda state, batch: forward(nnx.merge(eval_def, state), batch))
     state = {"model": model_state, "opt": opt_state}
 
     def train():

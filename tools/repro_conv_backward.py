@@ -23,6 +23,7 @@ from segjax.ops.depthwise import depthwise_conv2d
 # name: (N, H, C, O, kernel, stride, dilation, groups)
 CASES = {
     "conv3x3": (4, 56, 128, 128, 3, 1, 1, 1),
+    "conv3x3_c64": (4, 56, 64, 64, 3, 1, 1, 1),
     "conv1x1": (4, 56, 256, 64, 1, 1, 1, 1),
     "conv3x3_stride2": (2, 64, 256, 256, 3, 2, 1, 1),
     "conv3x3_dilated12": (2, 64, 512, 256, 3, 1, 12, 1),
