@@ -7,33 +7,12 @@ config field declared with `segjax.config.flag` is also a flag (`--epochs`, `--t
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from segjax import config as config_lib
 from segjax import tasks
-from segjax.config import ConfigError
-from segjax.data.errors import DataError
-from segjax.engine.checkpoint import CheckpointError
-
-# A user's mistake (or a damaged checkpoint) rather than a bug: one line, exit status 2.
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, CheckpointError)
-
-
-def guarded(main: Callable[..., int]) -> Callable[..., int]:
-    """Wraps an entry point's `main`: a user error prints `error: ...` on stderr and returns 2."""
-
-    @functools.wraps(main)
-    def run(*args, **kwargs) -> int:
-        try:
-            return main(*args, **kwargs)
-        except USER_ERRORS as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-
-    return run
 
 
 def _flag_type(cfg, key: str) -> dict:

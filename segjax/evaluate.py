@@ -14,11 +14,11 @@ from pathlib import Path
 
 import jax
 
-from segjax import cli
 from segjax.engine import mesh as mesh_lib
 from segjax.engine import steps as steps_lib
 from segjax.engine.runlog import setup_console_logging
 from segjax.engine.setup import restore_model
+from segjax.errors import guarded
 from segjax.train import validate_model
 
 
@@ -66,7 +66,7 @@ def comparison_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@cli.guarded
+@guarded
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
     parser = argparse.ArgumentParser(prog="python -m segjax.evaluate", description=__doc__.splitlines()[0])

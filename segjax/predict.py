@@ -42,14 +42,15 @@ from flax import nnx
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from segjax import cli, tasks
 from segjax import config as config_lib
+from segjax import tasks
 from segjax.config import ConfigError
 from segjax.data.errors import DataError
 from segjax.data.files import IMAGE_SUFFIXES, BadImage, read_rgb
 from segjax.engine import steps as steps_lib
 from segjax.engine.runlog import setup_console_logging
 from segjax.engine.setup import checkpoint_config, restore_model
+from segjax.errors import guarded
 
 PERSON_CATEGORY = 1  # COCO's person category id in detection results
 ALPHA = 0.5
@@ -294,7 +295,7 @@ def task_options(task, args) -> Callable[[Path], dict]:
     return lambda path: {"boxes": detections.get(image_key(path), np.zeros((0, 4), np.float32))}
 
 
-@cli.guarded
+@guarded
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
     args = parse_args(argv)

@@ -25,6 +25,7 @@ from segjax.engine import preemption, setup
 from segjax.engine import steps as steps_lib
 from segjax.engine.checkpoint import Checkpointer, find_checkpoint_dir, latest_run
 from segjax.engine.runlog import RunLog, setup_console_logging
+from segjax.errors import guarded
 
 log = logging.getLogger("segjax")
 
@@ -315,7 +316,7 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
     return summary
 
 
-@cli.guarded
+@guarded
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
     cfg, args = resolve_config(argv)

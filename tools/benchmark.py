@@ -27,13 +27,14 @@ import time
 import flax
 import jax
 
-from segjax import cli, tasks
 from segjax import config as config_lib
+from segjax import tasks
 from segjax.data import pipeline
 from segjax.engine import mesh as mesh_lib
 from segjax.engine import steps as steps_lib
 from segjax.engine.runlog import setup_console_logging
 from segjax.engine.setup import build_state
+from segjax.errors import guarded
 from segjax.train import resolve_config
 
 
@@ -183,7 +184,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     }
 
 
-@cli.guarded
+@guarded
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--against" in argv:  # tools/ is on sys.path when this file runs as a script

@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-from segjax.data.errors import DataError
 from segjax.data.prepare import convert_records, load_pickle
+from segjax.errors import guarded
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     # A one-line usage: a command-line mistake reads as two short lines, not a page.
     parser = argparse.ArgumentParser(
@@ -29,11 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="allow unpickling (it runs code the file names): only for files you trust")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        summary = convert_records(load_pickle(args.pickle, trust=args.trust_pickle), args.out_dir, subdir=args.subdir)
-    except DataError as err:
-        logging.getLogger("convert_pickle").error("%s", err)
-        return 2
+    summary = convert_records(load_pickle(args.pickle, trust=args.trust_pickle), args.out_dir, subdir=args.subdir)
     skipped = {reason: entry["count"] for reason, entry in summary["skipped"].items()}
     print(f"wrote {summary['written']} of {summary['records']} records into {summary['images_dir']} and "
           f"{summary['labels_dir']}; skipped: {skipped or 'none'}")

@@ -20,10 +20,11 @@ from segjax import config as config_lib
 from segjax.bridge.hf_mask2former import save_hf_mask2former
 from segjax.engine import setup
 from segjax.engine.runlog import setup_console_logging
+from segjax.errors import guarded
 from segjax.models.mask2former import Mask2Former
 
 
-@cli.guarded
+@guarded
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

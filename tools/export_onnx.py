@@ -28,6 +28,7 @@ from segjax import cli, tasks
 from segjax import config as config_lib
 from segjax.engine import setup
 from segjax.engine.runlog import setup_console_logging
+from segjax.errors import guarded
 from segjax.export.onnx import OPSET, ExportCheckError, export, format_report
 
 
@@ -81,7 +82,7 @@ def load_weights(args: argparse.Namespace):
     return restored.task, nnx.merge(restored.graphdef, restored.state)
 
 
-@cli.guarded
+@guarded
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
     args = parse_args(argv)

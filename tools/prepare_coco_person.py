@@ -9,10 +9,11 @@ import json
 import logging
 
 from segjax.data.coco import load_person_index
-from segjax.data.errors import DataError
 from segjax.data.prepare import compute_roi_class_stats, person_only_subset, write_stats
+from segjax.errors import guarded
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ann", required=True, help="COCO instances JSON, e.g. instances_train2017.json")
@@ -25,12 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("prepare_coco_person")
 
-    try:
-        out_path = person_only_subset(args.ann, args.out_dir, num_images=args.num_images, seed=args.seed)
-        images, report = load_person_index(out_path, args.img_dir)
-    except DataError as err:
-        log.error("%s", err)
-        return 2
+    out_path = person_only_subset(args.ann, args.out_dir, num_images=args.num_images, seed=args.seed)
+    images, report = load_person_index(out_path, args.img_dir)
     report.log(log, out_path.name)
     print(f"wrote {out_path}")
     print(f"usable: {len(images)} images, {sum(len(im.persons) for im in images)} persons, {report.total} skipped")

@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-from segjax.data.errors import DataError
 from segjax.data.prepare import CROWD_MODES, prepare_coco_semantic
+from segjax.errors import guarded
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ann", required=True, help="COCO instances JSON, e.g. instances_train2017.json")
@@ -33,13 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Names may contain spaces ("dining table"), so only commas separate them.
     priority = [name.strip() for name in args.class_priority.split(",") if name.strip()] or None
-    try:
-        summary = prepare_coco_semantic(args.ann, args.img_dir, args.out_dir, crowd=args.crowd,
-                                        class_priority=priority, visualize=args.visualize,
-                                        link_images=args.link_images, seed=args.seed)
-    except DataError as err:
-        logging.getLogger("prepare_coco_semantic").error("%s", err)
-        return 2
+    summary = prepare_coco_semantic(args.ann, args.img_dir, args.out_dir, crowd=args.crowd,
+                                    class_priority=priority, visualize=args.visualize,
+                                    link_images=args.link_images, seed=args.seed)
     skipped = {reason: entry["count"] for reason, entry in summary["skipped_images"].items()}
     print(f"wrote {summary['written']} of {summary['images']} masks into {summary['masks_dir']} "
           f"({summary['num_classes']} classes incl. background); skipped images: {skipped or 'none'}")

@@ -16,9 +16,11 @@ import logging
 import time
 
 from segjax.data import roads, subset
-from segjax.data.errors import DataError, SkipReport
+from segjax.data.errors import SkipReport
+from segjax.errors import guarded
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     # A one-line usage: a command-line mistake reads as two short lines, not a page.
     parser = argparse.ArgumentParser(
@@ -41,17 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--num and --min_pixels must be >= 1 and --workers >= 0")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = SkipReport()
-    try:
-        classes = roads.load_class_set(args.classes)
-        start = time.perf_counter()
-        scan = roads.load_road_data(
-            args.data_root, layout=roads.layout_from_arguments(args), split=args.split, list_file=args.list,
-            num_classes=len(classes.names), label_ids=args.label_ids, unknown=args.unknown_labels, report=report,
-            workers=args.workers, progress=True)
-        seconds = time.perf_counter() - start
-    except DataError as err:
-        logging.getLogger("select_subset").error("%s", err)
-        return 2
+    classes = roads.load_class_set(args.classes)
+    start = time.perf_counter()
+    scan = roads.load_road_data(
+        args.data_root, layout=roads.layout_from_arguments(args), split=args.split, list_file=args.list,
+        num_classes=len(classes.names), label_ids=args.label_ids, unknown=args.unknown_labels, report=report,
+        workers=args.workers, progress=True)
+    seconds = time.perf_counter() - start
     paths = [pair.id for pair in scan.pairs]
     files = subset.write_selection(paths, scan.class_pixels, args.out_dir, num=args.num, names=classes.names,
                                    colours=classes.colours, min_pixels=args.min_pixels, weights=args.weights)

@@ -18,8 +18,10 @@ from pathlib import Path
 from segjax.data import roads
 from segjax.data.errors import DataError, SkipReport
 from segjax.data.prepare import DEFAULT_FRACTIONS, split_pool, write_lists
+from segjax.errors import guarded
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     # A one-line usage: a command-line mistake reads as two short lines, not a page.
     parser = argparse.ArgumentParser(
@@ -38,18 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = SkipReport()
-    try:
-        layout = roads.layout_from_arguments(args)
-        split = args.split if args.split is not None else ("train" if layout.kind == "cityscapes" else "")
-        images = roads.read_list(args.data_root, args.list) if args.list else layout.pool(args.data_root, split)
-        pairs = roads.list_pairs(args.data_root, layout, images, report)
-        report.log(logging.getLogger("split_dataset"), "pool")
-        if not pairs:
-            raise DataError(f"no image with a usable label in the pool; skipped: {report.as_dict()}")
-        lists = split_pool([p.id for p in pairs], fractions=args.fractions, seed=args.seed, by_subdir=args.by_subdir)
-    except DataError as err:
-        logging.getLogger("split_dataset").error("%s", err)
-        return 2
+    layout = roads.layout_from_arguments(args)
+    split = args.split if args.split is not None else ("train" if layout.kind == "cityscapes" else "")
+    images = roads.read_list(args.data_root, args.list) if args.list else layout.pool(args.data_root, split)
+    pairs = roads.list_pairs(args.data_root, layout, images, report)
+    report.log(logging.getLogger("split_dataset"), "pool")
+    if not pairs:
+        raise DataError(f"no image with a usable label in the pool; skipped: {report.as_dict()}")
+    lists = split_pool([p.id for p in pairs], fractions=args.fractions, seed=args.seed, by_subdir=args.by_subdir)
     files = write_lists(lists, args.out_dir or Path(args.data_root) / "splits")
     skipped = {reason: entry["count"] for reason, entry in report.as_dict().items()}
     print(f"split {len(pairs)} images (skipped: {skipped or 'none'}): "

@@ -15,14 +15,12 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from segjax.errors import CheckpointError
+
 
 def _abstract(tree):
     """Restore targets carrying the live shardings, so restoring works on any device count."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint step that cannot be read (damaged, truncated, incomplete); names the step."""
 
 
 class Checkpointer:

@@ -45,8 +45,9 @@ def build_state(task, mesh: jax.sharding.Mesh, steps_per_epoch: int, epochs: int
 
     created = sharding_lib.create_sharded(create, mesh, sharding_lib.parse_rules(cfg.mesh.sharding),
                                           cfg.mesh.min_shard_bytes)
-    trained = nnx.state(nnx.merge(created.model_def, created.model_state), task.trainable)
-    return ModelSetup(*created[:6], schedule, created.num_params, sum(x.size for x in jax.tree.leaves(trained)))
+    model = nnx.merge(created[0], created[3])
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+    return ModelSetup(*created, schedule, count(nnx.state(model, nnx.Param)), count(nnx.state(model, task.trainable)))
 
 
 def load_torch_weights(task, model: nnx.Module, path: str, state_dict: dict | None = None) -> None:

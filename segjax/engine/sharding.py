@@ -25,16 +25,6 @@ from jax.sharding import PartitionSpec as P
 log = logging.getLogger("segjax")
 
 
-class Created(NamedTuple):
-    model_def: nnx.GraphDef  # training mode
-    eval_def: nnx.GraphDef  # BatchNorm running averages, dropout off
-    opt_def: nnx.GraphDef
-    model_state: nnx.State
-    opt_state: nnx.State
-    shardings: tuple  # of (model_state, opt_state)
-    num_params: int
-
-
 class Rule(NamedTuple):
     pattern: re.Pattern
     kind: str  # replicate | fsdp | shard_dim
@@ -138,9 +128,10 @@ def describe(tree, shardings) -> str:
             f"per device of {whole / 2**20:.1f} MiB")
 
 
-def create_sharded(create, mesh: jax.sharding.Mesh, rules: list[Rule], min_bytes: int) -> Created:
+def create_sharded(create, mesh: jax.sharding.Mesh, rules: list[Rule], min_bytes: int) -> tuple:
     """Runs `create() -> (model, optimizer)` under jit with the rules' output shardings, so every
-    tensor is born in its place and the whole state never sits on one device."""
+    tensor is born in its place and the whole state never sits on one device. Returns (model_def
+    (training mode), eval_def, opt_def, model_state, opt_state, shardings)."""
     abstract_model, abstract_opt = nnx.eval_shape(create)
     model_def, model_abstract = nnx.split(abstract_model)
     opt_def, opt_abstract = nnx.split(abstract_opt)
@@ -153,5 +144,4 @@ def create_sharded(create, mesh: jax.sharding.Mesh, rules: list[Rule], min_bytes
     model_state, opt_state = jax.jit(init, out_shardings=shardings)()
     log.info("sharding: %s", describe((model_state, opt_state), shardings))
     abstract_model.eval()
-    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(abstract_model, nnx.Param)))
-    return Created(model_def, nnx.graphdef(abstract_model), opt_def, model_state, opt_state, shardings, num_params)
+    return model_def, nnx.graphdef(abstract_model), opt_def, model_state, opt_state, shardings

@@ -21,7 +21,11 @@ from segjax.models.layers import ConvNormAct, imagenet_normalize
 
 def _conv_bn_leaky(in_features, out_features, kernel_size, strides=1, *, negative_slope,
                    **precision) -> ConvNormAct:
-    act = functools.partial(nnx.leaky_relu, negative_slope=negative_slope)
+    # Looked up at call time: jax2onnx patches nnx.leaky_relu while exporting, so the graph gets one
+    # LeakyRelu (which onnxruntime fuses into the Conv) instead of GreaterOrEqual + Mul + Where.
+    def act(x):
+        return nnx.leaky_relu(x, negative_slope)
+
     return ConvNormAct(in_features, out_features, kernel_size, strides, act=act, use_bias=False,
                        **precision)
 
