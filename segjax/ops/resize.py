@@ -22,26 +22,20 @@ def _size(size, name: str) -> tuple[int, int]:
 
 
 @functools.cache
-def _bilinear_taps(in_len: int, out_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(low, high, weight of high) per output pixel: PyTorch's bilinear rule, `align_corners=False`.
+def _bilinear_matrix(in_len: int, out_len: int) -> np.ndarray:
+    """[out_len, in_len] weights of PyTorch's bilinear rule with `align_corners=False`.
 
     Output pixel i samples the input at ``(i + 0.5) * in_len / out_len - 0.5`` (half-pixel
     centres), clamped to the first and last input pixel. No antialiasing when shrinking.
     """
     source = np.maximum((np.arange(out_len) + 0.5) * (in_len / out_len) - 0.5, 0.0)
     low = np.minimum(np.floor(source).astype(np.int64), in_len - 1)
-    high = np.minimum(low + 1, in_len - 1)  # high == low at the last pixel: weights still sum to 1
-    return low, high, source - low
-
-
-@functools.cache
-def _bilinear_matrix(in_len: int, out_len: int) -> np.ndarray:
-    """[out_len, in_len] weights of `_bilinear_taps`."""
-    low, high, frac = _bilinear_taps(in_len, out_len)
+    high = np.minimum(low + 1, in_len - 1)
+    frac = source - low
     matrix = np.zeros((out_len, in_len))
     rows = np.arange(out_len)
     np.add.at(matrix, (rows, low), 1.0 - frac)
-    np.add.at(matrix, (rows, high), frac)
+    np.add.at(matrix, (rows, high), frac)  # high == low at the last pixel: weights still sum to 1
     return matrix
 
 
@@ -86,32 +80,7 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     _, h, w, _ = x.shape
     if (h, w) == (out_h, out_w):
         return x
-    return _bilinear(x, (h, w), (out_h, out_w))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _bilinear(x: jax.Array, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> jax.Array:
-    # Two taps per output row, then per column: gathers with constant indices and a lerp. As a
-    # dense contraction the hybrid's 80 -> 640 mask resize took 162 ms in XLA and 265 ms in
-    # onnxruntime (one Einsum), against 70 and 85 ms this way.
-    for axis, (in_len, out_len) in enumerate(zip(in_hw, out_hw), start=1):
-        low, high, frac = _bilinear_taps(in_len, out_len)
-        weight = jnp.asarray(frac.reshape([-1 if a == axis else 1 for a in range(4)]), x.dtype)
-        x = jnp.take(x, low, axis=axis) * (1 - weight) + jnp.take(x, high, axis=axis) * weight
-    return x
-
-
-def _bilinear_forward(x, in_hw, out_hw):
-    return _bilinear(x, in_hw, out_hw), None
-
-
-def _bilinear_backward(in_hw, out_hw, _, grad):
-    # The transpose of the gathers would be scatter-adds, slow in XLA:CPU; the matrices' is not.
-    rows, cols = (jnp.asarray(_bilinear_matrix(i, o).T, grad.dtype) for i, o in zip(in_hw, out_hw))
-    return (_separable(grad, rows, cols),)
-
-
-_bilinear.defvjp(_bilinear_forward, _bilinear_backward)
+    return _separable(x, _bilinear_matrix(h, out_h), _bilinear_matrix(w, out_w))
 
 
 def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
