@@ -30,3 +30,11 @@ def param_count(model) -> int:
     from flax import nnx
 
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def run(argv: list[str], **kwargs) -> dict:
+    """`python -m segjax.train ARGV` in this process: the run's summary."""
+    from segjax.train import resolve_config, train_and_evaluate
+
+    cfg, _ = resolve_config(argv)
+    return train_and_evaluate(cfg, **kwargs)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import run
 from PIL import Image
 
 from segjax import losses, predict, tasks
@@ -53,8 +54,7 @@ def argv(data_dir: Path, run_root: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory) -> dict:
-    cfg, _ = resolve_config(argv(data_dir, tmp_path_factory.mktemp("runs"), "--epochs", "2"))
-    return train_and_evaluate(cfg)
+    return run(argv(data_dir, tmp_path_factory.mktemp("runs"), "--epochs", "2"))
 
 
 def test_training_run_directory_and_metrics(trained):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import run
 
 from segjax import config as config_lib
 from segjax import tasks
@@ -24,7 +25,7 @@ from segjax.engine import setup
 from segjax.engine import steps as steps_lib
 from segjax.models.mask2former import MASK2FORMER_VARIANTS, Mask2Former
 from segjax.tasks.query_semantic import full_resolution
-from segjax.train import resolve_config, train_and_evaluate
+from segjax.train import resolve_config
 
 TINY = dict(MASK2FORMER_VARIANTS["tiny"], num_queries=4)
 # A ResNet backbone (BatchNorm) and a Swin with drop-path, both tiny, as transformers configs.
@@ -164,8 +165,7 @@ def test_hf_init_reinitialises_the_class_head(roads, caplog):
 
 @pytest.fixture(scope="module")
 def straight(roads, tmp_path_factory) -> dict:
-    cfg, _ = resolve_config(argv(roads, tmp_path_factory.mktemp("runs"), "--epochs", "2"))
-    return train_and_evaluate(cfg)
+    return run(argv(roads, tmp_path_factory.mktemp("runs"), "--epochs", "2"))
 
 
 def test_training_run(straight):
@@ -183,10 +183,8 @@ def test_training_run(straight):
 
 
 def test_resume_is_exact(straight, roads, tmp_path):
-    cfg, _ = resolve_config(argv(roads, tmp_path, "--epochs", "2"))
-    interrupted = train_and_evaluate(cfg, stop_after_epoch=1)
-    cfg, _ = resolve_config(["--experiment", "roadways_mask2former", "--resume", interrupted["run_dir"]])
-    resumed = train_and_evaluate(cfg)
+    interrupted = run(argv(roads, tmp_path, "--epochs", "2"), stop_after_epoch=1)
+    resumed = run(["--experiment", "roadways_mask2former", "--resume", interrupted["run_dir"]])
     for a, b in zip(jax.tree.leaves(straight["model_state"]), jax.tree.leaves(resumed["model_state"])):
         np.testing.assert_allclose(host(a), host(b), rtol=0, atol=1e-6)
     assert abs(straight["last_val"]["loss"] - resumed["last_val"]["loss"]) <= 1e-5

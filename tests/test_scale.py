@@ -21,9 +21,9 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import ROOT
+from helpers import ROOT, run
 from jax.sharding import AbstractMesh, AxisType
-from test_train import run, tiny_argv
+from test_train import tiny_argv
 
 from segjax import config as config_lib
 from segjax import evaluate

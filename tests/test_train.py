@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import ROI_TINY, ROOT
+from helpers import ROI_TINY, ROOT, run
 
 from segjax import evaluate
 from segjax.data.demo import write_coco_person_demo
@@ -40,11 +40,6 @@ def data(tmp_path_factory) -> dict:
 def tiny_argv(data: dict, run_root: Path, *extra: str) -> list[str]:
     flags = [f"--{k}={v}" for k, v in data.items()]
     return ["--experiment", "roi_human", *flags, *TINY, "--checkpoint_dir", str(run_root), *extra]
-
-
-def run(argv: list[str], **kwargs) -> dict:
-    cfg, _ = resolve_config(argv)
-    return train_and_evaluate(cfg, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +229,7 @@ def test_inference_programs_take_xla_convolutions_on_cpu():
     inference = steps_lib.inference_jit(conv).lower(x, w).compile()
     assert "ynn_fusion" in default.as_text() and "ynn_fusion" not in inference.as_text()
     np.testing.assert_allclose(np.asarray(inference(x, w)), np.asarray(default(x, w)), rtol=1e-5, atol=1e-5)
+
 
 PARITY_SCRIPT = """
 import json, sys

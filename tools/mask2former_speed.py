@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from segjax.bridge.hf_mask2former import save_hf_mask2former
+from segjax.engine import steps as steps_lib
 from segjax.losses import Mask2FormerLoss, semantic_targets
 from segjax.models.layers import imagenet_normalize
 from segjax.models.mask2former import MASK2FORMER_VARIANTS, Mask2Former
@@ -51,7 +52,7 @@ def _inputs(batch: int, size: int):
 
 def segjax_times(model: Mask2Former, images, labels, repeats: int) -> dict:
     graphdef, trained, frozen = nnx.split(model, nnx.All(nnx.Param, nnx.PathContains("transformer")), ...)
-    forward = jax.jit(lambda t, f, x: nnx.merge(graphdef, t, f)(x))
+    forward = steps_lib.inference_jit(lambda t, f, x: nnx.merge(graphdef, t, f)(x))  # as evaluate/predict
     criterion = Mask2FormerLoss()
     masks, classes, valid = semantic_targets(jnp.asarray(labels), NUM_CLASSES)
 

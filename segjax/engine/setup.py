@@ -43,11 +43,13 @@ def build_state(task, mesh: jax.sharding.Mesh, steps_per_epoch: int, epochs: int
         remat_lib.apply(model, cfg.train.remat)
         return model, nnx.Optimizer(model, tx, wrt=task.trainable)  # state for the trained parameters only
 
-    created = sharding_lib.create_sharded(create, mesh, sharding_lib.parse_rules(cfg.mesh.sharding),
-                                          cfg.mesh.min_shard_bytes)
-    model = nnx.merge(created[0], created[3])
-    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
-    return ModelSetup(*created, schedule, count(nnx.state(model, nnx.Param)), count(nnx.state(model, task.trainable)))
+    model_def, eval_def, opt_def, model_state, opt_state, shardings = sharding_lib.create_sharded(
+        create, mesh, sharding_lib.parse_rules(cfg.mesh.sharding), cfg.mesh.min_shard_bytes)
+    model = nnx.merge(model_def, model_state)
+    num_params, num_trained = (sum(x.size for x in jax.tree.leaves(nnx.state(model, which)))
+                               for which in (nnx.Param, task.trainable))
+    return ModelSetup(model_def, eval_def, opt_def, model_state, opt_state, shardings, schedule, num_params,
+                      num_trained)
 
 
 def load_torch_weights(task, model: nnx.Module, path: str, state_dict: dict | None = None) -> None:
