@@ -5,7 +5,7 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -19,7 +19,6 @@ from segjax.data.errors import (
     SkipReport,
 )
 
-T = TypeVar("T")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # 16-bit and 32-bit integer greyscale modes; their values span 0..65535.
 _WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -38,7 +37,7 @@ class SizeMismatch(BadImage):
     """An image whose decoded size differs from the size its annotation (or mask) has."""
 
 
-def decode(path: str | os.PathLike, convert: Callable[[Image.Image], T]) -> T:
+def decode[T](path: str | os.PathLike, convert: Callable[[Image.Image], T]) -> T:
     """`convert` applied to the fully decoded image at `path`; BadImage if that is not possible."""
     if not os.path.isfile(path):
         raise BadImage(path, "file not found")
