@@ -38,7 +38,14 @@ import jax
 import numpy as np
 import onnx
 from flax import nnx
-from jax2onnx import to_onnx
+from jax._src import core as jax_core
+
+# jax 0.12 merged ClosedJaxpr into Jaxpr (`Jaxpr(jaxpr, consts)` still builds one), but jax2onnx
+# 0.17.1, its newest release, names the old class when it inlines a nested jit. Alias it back.
+if not hasattr(jax_core, "ClosedJaxpr"):
+    jax_core.ClosedJaxpr = jax_core.Jaxpr
+
+from jax2onnx import to_onnx  # noqa: E402  (after the alias above)
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from PIL import Image
 
