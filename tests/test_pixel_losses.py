@@ -299,3 +299,11 @@ def test_saved_weights_round_trip_through_the_config(voc):
     task = _task(voc, "loss.class_weights=" + ",".join(repr(w) for w in weights))
     rebuilt = config_lib.from_dict(json.loads(config_lib.to_json(task.cfg)))
     assert rebuilt.loss.class_weights == weights
+
+
+def test_bad_option_on_the_command_line_exits_2(voc, capsys):
+    from segjax.train import main
+
+    argv = ["--experiment", "voc_resnet", "--data_root", str(voc), "--print_config", "--set", "loss.ohem_thresh=2"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "error: loss.ohem_thresh must be within [0, 1] (0 = off), got 2.0\n"
