@@ -85,8 +85,10 @@ class SemanticLossConfig:
     # Fill an empty class_weights by median-frequency balancing of the training labels when the
     # training data are opened (`median_frequency_weights`); the run saves the numbers.
     class_weights_from_data: bool = False
-    # mmseg's OHEMPixelSampler(thresh, min_kept): the cross-entropy averages over the valid pixels
-    # whose true-class probability is below max(thresh, the (min_kept·batch)-th smallest); 0 = off.
+    # mmseg's OHEMPixelSampler(thresh, min_kept): the cross-entropy averages (as above, by class
+    # weight) over the valid pixels whose true-class probability is below max(thresh, the
+    # (min_kept·batch)-th smallest); 0 = off. (mmseg's CrossEntropyLoss instead divides the kept
+    # pixels' sum by the batch's pixel count, or its non-ignored count with avg_non_ignore.)
     ohem_thresh: float = 0.0
     ohem_min_kept: int = 100000  # per image
 
