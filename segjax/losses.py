@@ -13,10 +13,16 @@ from segjax.ops.resize import resize_bilinear, resize_nearest
 
 
 def weighted_cross_entropy(logits: jnp.ndarray, target: jnp.ndarray, weight: jnp.ndarray,
-                           class_weights: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Class-weighted softmax cross-entropy as PyTorch computes it: sum(w_t * ce) / sum(w_t).
+                           class_weights: jnp.ndarray | None = None,
+                           label_smoothing: float = 0.0) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Softmax cross-entropy as PyTorch's `F.cross_entropy(weight=class_weights,
+    label_smoothing=ε)` with mean reduction computes it:
 
-    `weight` (broadcast to target) masks pixels out (padding, ignore). Returns (mean, sum of weights).
+        sum_i w_i [(1 − ε) c_{t_i} (−log p_{i,t_i}) + ε/K sum_k c_k (−log p_{i,k})] / sum_i w_i c_{t_i}
+
+    (c = class weights, all 1 when None; K classes). `weight` (broadcast to target) is a per-item
+    weight: 0 masks items out (padding, ignore), as `ignore_index` does. Returns (mean, sum of
+    w_i c_{t_i}); the mean is 0 when that sum is 0 (PyTorch gives NaN).
     """
     logits = logits.astype(jnp.float32)
     num_classes = logits.shape[-1]
@@ -24,10 +30,30 @@ def weighted_cross_entropy(logits: jnp.ndarray, target: jnp.ndarray, weight: jnp
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, safe_target[..., None], axis=-1)[..., 0]
     w = jnp.broadcast_to(weight, target.shape).astype(jnp.float32)
-    if class_weights is not None:
-        w = w * class_weights[safe_target]
-    total = w.sum()
-    return (nll * w).sum() / jnp.maximum(total, 1e-12), total
+    target_w = w if class_weights is None else w * class_weights[safe_target]
+    total = target_w.sum()
+    loss = (nll * target_w).sum()
+    if label_smoothing:  # the uniform part of the target, each class weighted by its own weight
+        smooth = -(log_probs if class_weights is None else log_probs * class_weights).sum(-1)
+        loss = (1.0 - label_smoothing) * loss + label_smoothing / num_classes * (smooth * w).sum()
+    return loss / jnp.maximum(total, 1e-12), total
+
+
+def ohem_pixel_weight(logits: jnp.ndarray, target: jnp.ndarray, valid: jnp.ndarray, thresh: float,
+                      min_kept: int) -> jnp.ndarray:
+    """mmsegmentation's `OHEMPixelSampler(thresh, min_kept).sample` (bool instead of 0/1 float):
+    the hard pixels among `valid` ones [B, H, W]. With p the softmax probability of the target
+    class (no gradient) and p_sorted the valid pixels' p in ascending order, a valid pixel is kept
+    when p < max(p_sorted[min(min_kept·B, n − 1)], thresh), n the number of valid pixels.
+    Static shapes: invalid pixels sort last (+inf) instead of being removed."""
+    logits = jax.lax.stop_gradient(logits.astype(jnp.float32))
+    safe_target = jnp.clip(target, 0, logits.shape[-1] - 1).astype(jnp.int32)
+    prob = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), safe_target[..., None], axis=-1)[..., 0]
+    ordered = jnp.sort(jnp.where(valid, prob, jnp.inf).reshape(-1))
+    count = valid.sum()
+    index = jnp.maximum(jnp.minimum(min(min_kept * target.shape[0], ordered.size - 1), count - 1), 0)
+    min_threshold = jnp.where(count > 0, ordered[index], 0.0)
+    return valid & (prob < jnp.maximum(min_threshold, thresh))
 
 
 def soft_dice_loss(probs: jnp.ndarray, target: jnp.ndarray, weight: jnp.ndarray, eps: float = 1.0) -> jnp.ndarray:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,6 +23,8 @@ from flax import nnx
 from segjax import losses, metrics
 from segjax.config import ConfigError, flag
 from segjax.data import demo, transforms, voc
+from segjax.data.errors import DataError
+from segjax.data.files import BadImage
 from segjax.data.prepare import load_class_names
 from segjax.models.semantic_models import SEMANTIC_MODELS
 from segjax.tasks.base import Letterbox, TaskBase, Transform, class_map
@@ -74,6 +78,19 @@ class SemanticModelConfig:
 class SemanticLossConfig:
     ce_weight: float = flag(1.0)
     dice_weight: float = flag(0.0)  # multi-class soft Dice, averaged over classes
+    # The cross-entropy term is torch.nn.CrossEntropyLoss(weight=class_weights, label_smoothing=...,
+    # ignore_index=data.ignore_index), optionally over mmseg's OHEM pixels only.
+    label_smoothing: float = 0.0  # ε in [0, 1): the target is (1 − ε)·onehot + ε/K
+    class_weights: tuple[float, ...] = ()  # one weight >= 0 per class; empty = unweighted
+    # Fill an empty class_weights by median-frequency balancing of the training labels when the
+    # training data are opened (`median_frequency_weights`); the run saves the numbers.
+    class_weights_from_data: bool = False
+    # mmseg's OHEMPixelSampler(thresh, min_kept): the cross-entropy averages (as above, by class
+    # weight) over the valid pixels whose true-class probability is below max(thresh, the
+    # (min_kept·batch)-th smallest); 0 = off. (mmseg's CrossEntropyLoss instead divides the kept
+    # pixels' sum by the batch's pixel count, or its non-ignored count with avg_non_ignore.)
+    ohem_thresh: float = 0.0
+    ohem_min_kept: int = 100000  # per image
 
 
 def _class_names(data: SemanticDataConfig) -> tuple[str, ...]:
@@ -95,6 +112,44 @@ def _class_names(data: SemanticDataConfig) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _label_counts(path: str, num_classes: int) -> np.ndarray | None:
+    """Pixels of each class in one mask (other values, ignore_index among them, not counted);
+    None, logged, for an unreadable mask, which training skips too."""
+    try:
+        return np.bincount(voc.read_mask(path).ravel(), minlength=256)[:num_classes]
+    except BadImage as err:
+        log.warning("class weights: skipping %s: %s", err.path, err.reason)
+        return None
+
+
+def median_frequency_weights(mask_paths: Sequence[str], num_classes: int) -> np.ndarray:
+    """Median-frequency balancing (Eigen & Fergus 2015, as SegNet weights its classes):
+    freq_c = pixels of class c / labelled pixels of the masks in which c appears, and
+    w_c = median(freq) / freq_c, the median over the classes that appear; a class that never
+    appears weighs 0. Masks are read whole, before any augmentation."""
+    pixels = np.zeros(num_classes, np.int64)
+    image_pixels = np.zeros(num_classes, np.int64)  # labelled pixels of the masks holding each class
+    with ThreadPoolExecutor() as pool:  # PNG decoding releases the GIL
+        for counts in pool.map(functools.partial(_label_counts, num_classes=num_classes), mask_paths):
+            if counts is not None:
+                pixels += counts
+                image_pixels += np.where(counts > 0, counts.sum(), 0)
+    present = pixels > 0
+    if not present.any():
+        raise DataError(f"class weights: no labelled pixel of classes 0..{num_classes - 1} in "
+                        f"{len(mask_paths)} training masks")
+    freq = pixels[present] / image_pixels[present]
+    weights = np.zeros(num_classes)
+    weights[present] = np.median(freq) / freq
+    return weights
+
+
+def _check_class_weights(loss: SemanticLossConfig, num_classes: int) -> None:
+    if loss.class_weights and len(loss.class_weights) != num_classes:
+        raise ConfigError(f"loss.class_weights needs {num_classes} values (one per class), "
+                          f"got {len(loss.class_weights)}")
+
+
 class Task(TaskBase):
     data_keys = ("data_root", "train_img_dir", "val_img_dir")
     loss_terms = ("loss", "ce")
@@ -102,6 +157,7 @@ class Task(TaskBase):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.class_names = self.cfg.data.class_names
+        _check_class_weights(self.cfg.loss, len(self.class_names))  # the class count is known now
 
     @staticmethod
     def check(cfg) -> None:
@@ -114,6 +170,17 @@ class Task(TaskBase):
             raise ConfigError(f"data.num_classes must be >= 2 (or 0: from the class list), got {data.num_classes}")
         if not 0 <= data.ignore_index <= 255 or data.ignore_index < max(data.num_classes, len(data.class_names)):
             raise ConfigError(f"data.ignore_index must be a uint8 value outside the classes, got {data.ignore_index}")
+        loss = cfg.loss
+        if not 0 <= loss.label_smoothing < 1:
+            raise ConfigError(f"loss.label_smoothing must be within [0, 1), got {loss.label_smoothing}")
+        if any(w < 0 for w in loss.class_weights) or (loss.class_weights and not any(loss.class_weights)):
+            raise ConfigError(f"loss.class_weights must be >= 0, at least one > 0; got {loss.class_weights}")
+        if data.num_classes or data.class_names:  # else the class list is read from the data (see __init__)
+            _check_class_weights(loss, data.num_classes or len(data.class_names))
+        if not 0 <= loss.ohem_thresh <= 1:
+            raise ConfigError(f"loss.ohem_thresh must be within [0, 1] (0 = off), got {loss.ohem_thresh}")
+        if loss.ohem_min_kept < 0:
+            raise ConfigError(f"loss.ohem_min_kept must be >= 0, got {loss.ohem_min_kept}")
 
     def resolve_data(self, data: SemanticDataConfig) -> SemanticDataConfig:
         """Paths (the demo's when none given) and the class list, recorded in the config."""
@@ -171,15 +238,26 @@ class Task(TaskBase):
         log.info("%s: %d images, %d classes", split, len(pairs), len(self.class_names))
         return pairs[:1] if data.overfit_one else pairs
 
+    def _complete_class_weights(self, pairs: list) -> None:
+        """Fills loss.class_weights (saved with the run) from the training labels."""
+        weights = median_frequency_weights([pair.mask_path for pair in pairs], len(self.class_names))
+        log.info("class weights by median frequency of %d training masks: %s", len(pairs),
+                 ", ".join(f"{name} {w:.4g}" for name, w in zip(self.class_names, weights)))
+        loss = dataclasses.replace(self.cfg.loss, class_weights=tuple(float(w) for w in weights))
+        self.cfg = dataclasses.replace(self.cfg, loss=loss)
+
     def train_data(self):
         data = self.cfg.data
+        pairs = self._pairs("train")
+        if self.cfg.loss.class_weights_from_data and not self.cfg.loss.class_weights:
+            self._complete_class_weights(pairs)
         if data.overfit_one:  # sanity mode trains on the deterministic eval view
-            pairs = self._pairs("train") * self.cfg.train.batch_size
-            return voc.SegmentationSource(pairs), Transform(self._eval_example(), fixed=True)
+            source = voc.SegmentationSource(pairs * self.cfg.train.batch_size)
+            return source, Transform(self._eval_example(), fixed=True)
         example = functools.partial(transforms.make_seg_example, crop_size=data.crop_size,
                                     scale=(data.scale_min, data.scale_max), flip=data.flip,
                                     ignore_index=data.ignore_index)
-        return voc.SegmentationSource(self._pairs("train")), Transform(example)
+        return voc.SegmentationSource(pairs), Transform(example)
 
     def _eval_example(self):
         data = self.cfg.data
@@ -196,7 +274,15 @@ class Task(TaskBase):
         target = batch["mask"].astype(jnp.int32)
         image_ok = batch["valid"] & batch["image_ok"]
         pixel_ok = (target != data.ignore_index) & image_ok[:, None, None]
-        ce, _ = losses.weighted_cross_entropy(logits, target, pixel_ok)
+        if loss_cfg.class_weights_from_data and not loss_cfg.class_weights:
+            raise ConfigError("loss.class_weights_from_data: the class weights are computed when the training data "
+                              "are opened (train, --test_only); give loss.class_weights to use them here")
+        class_weights = jnp.asarray(loss_cfg.class_weights, jnp.float32) if loss_cfg.class_weights else None
+        ce_pixels = pixel_ok
+        if loss_cfg.ohem_thresh:
+            ce_pixels = losses.ohem_pixel_weight(logits, target, pixel_ok, loss_cfg.ohem_thresh,
+                                                 loss_cfg.ohem_min_kept)
+        ce, _ = losses.weighted_cross_entropy(logits, target, ce_pixels, class_weights, loss_cfg.label_smoothing)
         loss = loss_cfg.ce_weight * ce
         if loss_cfg.dice_weight:
             # Every (image, class) pair is one Dice item; ignored pixels are removed from both sides.
