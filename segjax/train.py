@@ -314,7 +314,7 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
         runlog.write_text("final_metrics.txt", summary["last_val"])
     summary["best_step"] = checkpointer.best_step()
     summary["steps"] = step
-    summary["model_state"] = model_state
+    summary["model_state"], summary["opt_state"] = model_state, opt_state
     checkpointer.close()
     runlog.close()
     return summary
