@@ -14,7 +14,7 @@ from flax import nnx
 from helpers import ROI_TINY, run
 
 from segjax import evaluate, train
-from segjax.config import ConfigError, OptimConfig, load_experiment, override, validate
+from segjax.config import ConfigError, OptimConfig, from_dict, load_experiment, override, validate
 from segjax.data.demo import write_coco_person_demo
 from segjax.engine import optim as optim_lib
 from segjax.engine.setup import restore_model
@@ -292,12 +292,14 @@ def records(run_dir: str) -> list[dict]:
 
 
 def test_train_rows_carry_the_last_updates_rate(straight):
-    cfg = optim_cfg(lr=3e-3, scheduler="poly", warmup_steps=1, gradient_accumulation=2)
-    # 4 micro-batches per epoch, 2 per update: epoch e ends after update 2e - 1 (0-based) of 4.
+    cfg = from_dict(json.loads((Path(straight["run_dir"]) / "config.json").read_text())).optim
+    assert (cfg.scheduler, cfg.warmup_steps, cfg.gradient_accumulation) == ("poly", 1, 2)
+    # A row's step counts micro-batches, 2 per update: its last update is step // 2 - 1 (0-based).
     rows = [r for r in records(straight["run_dir"]) if r["split"] == "train"]
-    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["step"] == straight["steps"]
+    total = straight["steps"] // 2
     for r in rows:
-        assert r["lr"] == pytest.approx(reference_lr(cfg, 2 * r["epoch"] - 1, 4, 2), rel=1e-6)
+        assert r["lr"] == pytest.approx(reference_lr(cfg, r["step"] // 2 - 1, total, total // 2), rel=1e-6)
 
 
 def test_resume_with_ema_is_exact(straight, data, tmp_path):
@@ -369,7 +371,7 @@ def test_groups_and_presets_parse_from_the_command_line(base):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--set", "optim.warmup_steps=4"], "optim.warmup_steps=4 must be < the run's 4 optimizer updates"),
+    (["--set", "optim.warmup_steps=6"], "optim.warmup_steps=6 must be < the run's 6 optimizer updates"),
     (["--set", "optim.param_groups=nowhere=lr_mult:2"], "optim.param_groups: 'nowhere' matches no trained parameter"),
     (["--set", "optim.ema_decay=1.5"], "optim.ema_decay must be within [0, 1)"),
 ])
