@@ -142,20 +142,21 @@ def transformation(cfg, lr: Callable) -> optax.GradientTransformation:
     SGD and Adam add wd·decay_mult·param to the gradient; AdamW decays decoupled, by
     lr·lr_mult·wd·decay_mult·param; every step is scaled by lr·lr_mult."""
     groups = parse_groups(cfg.param_groups)
-    decay = [_decayed_weights(cfg.weight_decay, groups)] if cfg.weight_decay else []
+    decay = _decayed_weights(cfg.weight_decay, groups)
     if cfg.optimizer == "sgd":
-        parts = [*decay, optax.sgd(lr, momentum=cfg.momentum)]
+        parts = [decay, optax.sgd(lr, momentum=cfg.momentum)]
     elif cfg.optimizer == "adam":
-        parts = [*decay, optax.adam(lr)]
+        parts = [decay, optax.adam(lr)]
     else:
-        parts = [optax.scale_by_adam(), *decay, optax.scale_by_learning_rate(lr)]
+        parts = [optax.scale_by_adam(), decay, optax.scale_by_learning_rate(lr)]
     if any(g.lr_mult != 1 for g in groups):
         parts.append(_lr_mults(groups))
-    if cfg.gradient_clip > 0:
-        parts.insert(0, optax.clip_by_global_norm(cfg.gradient_clip))
-    if cfg.ema_decay:
-        parts.append(ema(cfg.ema_decay))
+    # Nested as before groups and EMA existed, so earlier checkpoints' optimizer states still restore.
     tx = optax.chain(*parts)
+    if cfg.gradient_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.gradient_clip), tx)
+    if cfg.ema_decay:
+        tx = optax.chain(tx, ema(cfg.ema_decay))
     if cfg.gradient_accumulation > 1:  # the EMA inside: it follows real updates only
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.gradient_accumulation)
     return tx
