@@ -17,6 +17,7 @@ from segjax import evaluate, train
 from segjax.config import ConfigError, OptimConfig, from_dict, load_experiment, override, validate
 from segjax.data.demo import write_coco_person_demo
 from segjax.engine import optim as optim_lib
+from segjax.engine import sharding as sharding_lib
 from segjax.engine.setup import restore_model
 from segjax.engine.sharding import path_name
 from segjax.models.mask2former import MASK2FORMER_VARIANTS, Mask2Former
@@ -263,6 +264,25 @@ def test_ema_follows_the_parameter_trajectory(accumulation):
             assert not np.allclose(x, got[name], atol=1e-4), name  # the average is not the weights
         else:  # BatchNorm statistics are the model's own
             np.testing.assert_array_equal(x, got[name])
+
+
+def test_ema_is_sharded_as_its_parameters():
+    mesh = jax.sharding.AbstractMesh((1, 2, 1), ("data", "fsdp", "model"))
+    tx, _ = optim_lib.make_optimizer(optim_cfg(ema_decay=0.9, gradient_accumulation=2), 4, 1)
+
+    def create():
+        model = Tiny(nnx.Rngs(0))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    model, optimizer = nnx.eval_shape(create)
+    model_shardings, opt_shardings = sharding_lib.state_shardings(
+        nnx.state(model), nnx.state(optimizer), mesh, sharding_lib.parse_rules((".*=fsdp",)), 0)
+    params = {path_name(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(model_shardings)}
+    ema = {"/".join(path_name(p).split("/ema/")[1:]): s.spec
+           for p, s in jax.tree_util.tree_leaves_with_path(opt_shardings) if "/ema/" in path_name(p)}
+    assert sorted(ema) == ["bn/bias", "bn/scale", "linear/bias", "linear/kernel"]
+    assert all(spec == params[name] for name, spec in ema.items())
+    assert params["linear/kernel"] == jax.sharding.PartitionSpec(None, "fsdp")  # split, not replicated
 
 
 # --- through training, resume, evaluation and prediction ------------------------------------------------
