@@ -74,9 +74,10 @@ def parse_groups(items: Sequence[str]) -> list[Group]:
                                  "decay_mult:Y, each a number >= 0")
             try:
                 values[name] = float(value)
+                valid = 0 <= values[name] < math.inf
             except ValueError:
-                values[name] = math.nan
-            if not values[name] >= 0 or math.isinf(values[name]):
+                valid = False
+            if not valid:
                 raise ValueError(f"{text!r}: {name} must be a number >= 0, got {value!r}")
         groups.append(Group(pattern, **values))
     return groups
@@ -86,24 +87,25 @@ def group_of(name: str, groups: list[Group]) -> Group | None:
     return next((g for g in groups if g.pattern.search(name)), None)
 
 
-def _per_parameter(groups: list[Group], fn: Callable) -> optax.GradientTransformation:
-    """Stateless: each update leaf -> fn(update, param, its group or None), by the leaf's path."""
-    return optax.stateless(lambda updates, params: jax.tree_util.tree_map_with_path(
-        lambda path, u, p: fn(u, p, group_of(path_name(path), groups)), updates, params))
-
-
 def _decayed_weights(weight_decay: float, groups: list[Group]) -> optax.GradientTransformation:
     """updates + weight_decay·decay_mult·param (optax.add_decayed_weights with the group's rate)."""
 
-    def add(u, p, group):
+    def add(path, u, p):
+        group = group_of(path_name(path), groups)
         rate = weight_decay * (group.decay_mult if group else 1.0)
         return u + rate * p if rate else u
 
-    return _per_parameter(groups, add)
+    return optax.stateless(lambda updates, params: jax.tree_util.tree_map_with_path(add, updates, params))
 
 
 def _lr_mults(groups: list[Group]) -> optax.GradientTransformation:
-    return _per_parameter(groups, lambda u, p, group: u * group.lr_mult if group and group.lr_mult != 1 else u)
+    """updates·lr_mult of each parameter's group."""
+
+    def scale(path, u):
+        group = group_of(path_name(path), groups)
+        return u * group.lr_mult if group and group.lr_mult != 1 else u
+
+    return optax.stateless(lambda updates, params: jax.tree_util.tree_map_with_path(scale, updates))
 
 
 def schedule(cfg, steps_per_epoch: int, epochs: int) -> Callable:
