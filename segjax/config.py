@@ -53,12 +53,23 @@ class OptimConfig:
     lr: float = flag(1e-3)
     weight_decay: float = flag(1e-4)
     momentum: float = 0.9  # sgd only
-    scheduler: Literal["cosine", "step", "exponential", "none"] = flag("cosine")
-    min_lr: float = flag(0.0)  # floor of the cosine schedule
+    # Per optimizer update, after the warm-up: cosine / poly to min_lr at the end, step / exponential per epoch.
+    scheduler: Literal["cosine", "step", "exponential", "poly", "none"] = flag("cosine")
+    min_lr: float = flag(0.0)  # floor of the cosine and poly schedules (mmseg's eta_min)
+    power: float = 0.9  # poly: (lr - min_lr) * (1 - t / T) ** power + min_lr
+    warmup_steps: int = 0  # optimizer updates of linear warm-up from lr * warmup_ratio (mmengine LinearLR)
+    warmup_ratio: float = 1e-3
     step_epochs: int = 10  # step scheduler: multiply by `gamma` every this many epochs
     gamma: float = 0.1  # step and exponential (per epoch) decay factor
     gradient_clip: float = flag(0.0)  # max global gradient norm; 0 = off
     gradient_accumulation: int = flag(1)  # micro-batches per optimizer update
+    # Ordered "REGEX=lr_mult:X;decay_mult:Y" over parameter paths (as mesh.sharding's), torch.optim
+    # param groups with lr * lr_mult and weight_decay * decay_mult; the first match wins, unmatched
+    # parameters 1, 1. A preset name (engine/optim.py PRESETS: "mask2former") expands in place.
+    param_groups: tuple[str, ...] = ()
+    # EMA of the weights after each update (0 = off): validation, the best checkpoint, evaluate,
+    # predict and export use it; checkpoints hold both.
+    ema_decay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -303,7 +314,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key} must be >= 1, got {get_path(cfg, key)}")
     nonnegative = ["optim.lr", "optim.weight_decay", "optim.momentum", "optim.min_lr", "optim.gradient_clip",
                    "train.num_workers", "train.eval_batch_size", "train.resume_epochs", "train.num_visualizations",
-                   "train.max_nonfinite_steps"]
+                   "train.max_nonfinite_steps", "optim.warmup_steps"]
     for key in nonnegative:
         if get_path(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {get_path(cfg, key)}")
@@ -311,6 +322,18 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("optim.lr must be > 0")
     if cfg.optim.gamma <= 0:
         raise ConfigError(f"optim.gamma must be > 0, got {cfg.optim.gamma}")
+    if cfg.optim.power <= 0:
+        raise ConfigError(f"optim.power must be > 0, got {cfg.optim.power}")
+    if not 0 < cfg.optim.warmup_ratio <= 1:
+        raise ConfigError(f"optim.warmup_ratio must be within (0, 1], got {cfg.optim.warmup_ratio}")
+    if not 0 <= cfg.optim.ema_decay < 1:
+        raise ConfigError(f"optim.ema_decay must be within [0, 1) (0 = off), got {cfg.optim.ema_decay}")
+    from segjax.engine.optim import parse_groups  # the group syntax has one home
+
+    try:
+        parse_groups(cfg.optim.param_groups)
+    except ValueError as e:
+        raise ConfigError(f"optim.param_groups: {e}") from None
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr ({cfg.optim.min_lr}) must not exceed optim.lr ({cfg.optim.lr})")
     if not 0 <= cfg.train.max_bad_record_ratio <= 1:

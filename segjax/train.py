@@ -21,6 +21,7 @@ from segjax import config as config_lib
 from segjax.data import pipeline
 from segjax.data.errors import DataError
 from segjax.engine import mesh as mesh_lib
+from segjax.engine import optim as optim_lib
 from segjax.engine import preemption, setup
 from segjax.engine import steps as steps_lib
 from segjax.engine.checkpoint import Checkpointer, find_checkpoint_dir, latest_run
@@ -183,14 +184,14 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
              cfg.train.precision)
 
     # --- Resume or initialise from a checkpoint ------------------------------------------------------
-    if resume_dir:
-        model_state, restored_opt, meta = checkpointer.restore(
-            resume_step, model_state, None if cfg.train.test_only else opt_state)
-        opt_state = restored_opt if restored_opt is not None else opt_state
+    if resume_dir:  # the optimizer too under test_only: its EMA and update count
+        model_state, opt_state, meta = checkpointer.restore(resume_step, model_state, opt_state)
         start_epoch, step = meta["epoch"], meta["step"]
         log.info("resumed from %s step %d (epoch %d done)", resume_dir, resume_step, start_epoch)
     elif cfg.train.init_from:
         model_state = setup.init_weights(task, state.model_def, model_state, state.shardings[0])
+        if cfg.optim.ema_decay:
+            opt_state = optim_lib.restart_ema(opt_state, model_state)
     # The training stream's position is the step alone, on any number of processes.
     train_iter = iter(pipeline.train_dataset(train_source, train_transform, local_batch=local_batch,
                                              seed=cfg.train.seed, num_workers=cfg.train.num_workers, start_step=step))
@@ -207,13 +208,16 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
                 task.visualize(batch, mesh_lib.to_local(outputs, mesh), vis_dir, f"epoch{epoch:03d}",
                                cfg.train.num_visualizations)
 
-        metrics = validate_model(task, eval_step, model_state, mesh, cfg, on_first_batch=draw)
+        weights = optim_lib.ema_weights(model_state, opt_state) if cfg.optim.ema_decay else model_state
+        metrics = validate_model(task, eval_step, weights, mesh, cfg, on_first_batch=draw)
         metrics["lr"] = current_lr()  # the rate the validated weights were last updated with
         _log_metrics(runlog, step, epoch, "val", metrics, task.shown_metrics)
         return metrics
 
     def current_lr() -> float:
-        return float(schedule(max(step // cfg.optim.gradient_accumulation - 1, 0)))
+        """The rate of the last update: the optimizer counts micro-batches (not skipped NaN steps)."""
+        micro_steps = int(jax.device_get(opt_state["step"].get_value()))
+        return float(schedule(max(micro_steps // cfg.optim.gradient_accumulation - 1, 0)))
 
     summary = {"run_dir": str(run_dir), "first_val": None, "last_val": None, "epochs": total_epochs,
                "shown_metrics": task.shown_metrics}
@@ -310,7 +314,7 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
         runlog.write_text("final_metrics.txt", summary["last_val"])
     summary["best_step"] = checkpointer.best_step()
     summary["steps"] = step
-    summary["model_state"] = model_state
+    summary["model_state"], summary["opt_state"] = model_state, opt_state
     checkpointer.close()
     runlog.close()
     return summary

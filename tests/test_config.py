@@ -162,7 +162,7 @@ def test_override_parses_by_type(base, key, text, expected):
     ("data.flip", "maybe", r"data.flip='maybe' is not a valid bool"),
     ("model.backbone_widths", "8,x", r"model.backbone_widths='x' is not a valid int"),
     ("optim.optimizer", "lion", r"optim.optimizer='lion' is not valid; choose one of \['adamw', 'adam', 'sgd'\]"),
-    ("optim.scheduler", "linear", r"choose one of \['cosine', 'step', 'exponential', 'none'\]"),
+    ("optim.scheduler", "linear", r"choose one of \['cosine', 'step', 'exponential', 'poly', 'none'\]"),
     ("nope.x", "1", r"unknown config key 'nope' in 'nope.x'; valid keys here: "
                     r"\['experiment', 'task', 'data', 'model', 'loss', 'optim', 'train', 'mesh'\]"),
     ("train.epochz", "3", r"unknown config key 'epochz' in 'train.epochz'; valid keys here: \[.*'epochs'.*\]"),
@@ -257,7 +257,7 @@ def test_unknown_experiment_on_the_command_line(capsys):
 
 @pytest.mark.parametrize("flag, value, choices", [
     ("--optimizer", "foo", "'adamw', 'adam', 'sgd'"),
-    ("--scheduler", "linear", "'cosine', 'step', 'exponential', 'none'"),
+    ("--scheduler", "linear", "'cosine', 'step', 'exponential', 'poly', 'none'"),
     ("--precision", "fp16", "'fp32', 'bf16'"),
 ])
 def test_bad_choices_are_argparse_errors(capsys, flag, value, choices):

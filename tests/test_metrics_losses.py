@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from segjax.config import OptimConfig
-from segjax.engine.steps import make_optimizer
+from segjax.engine.optim import make_optimizer
 from segjax.losses import soft_dice_loss, weighted_cross_entropy
 from segjax.metrics import confusion_matrix, summarize_confusion
 

@@ -150,11 +150,12 @@ def run_segjax(bench: Bench, data: dict, args) -> dict:
 
     from segjax import config as config_lib
     from segjax.engine import mesh as mesh_lib
+    from segjax.engine import optim as optim_lib
     from segjax.engine import steps as steps_lib
 
     dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
     model = nnx.jit(lambda: bench.segjax(dtype, nnx.Rngs(0)))()
-    tx, _ = steps_lib.make_optimizer(
+    tx, _ = optim_lib.make_optimizer(
         config_lib.OptimConfig(optimizer="adamw", lr=1e-4, weight_decay=1e-4, scheduler="none"), 1, 1)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     model_def, model_state = nnx.split(model)

@@ -61,10 +61,15 @@ class Checkpointer:
     def meta(self, step: int) -> dict:
         return self._restore(step, {"meta": ocp.args.JsonRestore()})["meta"]
 
-    def restore(self, step: int, model_state, opt_state=None):
-        """Restores into the structure and shardings of the given live states; None parts are skipped."""
+    def restore(self, step: int, model_state, opt_state=None, *, partial: bool = False):
+        """Restores into the structure and shardings of the given states (live or abstract); None
+        parts are skipped. `partial`: `opt_state` is a part of the saved optimizer state (the EMA)."""
         items = {"model": ocp.args.StandardRestore(_abstract(model_state)), "meta": ocp.args.JsonRestore()}
-        if opt_state is not None:
+        if opt_state is not None and partial:
+            target = _abstract(opt_state)
+            items["optimizer"] = ocp.args.PyTreeRestore(
+                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)
+        elif opt_state is not None:
             items["optimizer"] = ocp.args.StandardRestore(_abstract(opt_state))
         restored = self._restore(step, items)
         return restored["model"], restored.get("optimizer") if opt_state is not None else None, restored["meta"]

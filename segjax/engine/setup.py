@@ -8,13 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+import optax
 from flax import nnx
 
 from segjax import config as config_lib
 from segjax import tasks
+from segjax.engine import optim as optim_lib
 from segjax.engine import remat as remat_lib
 from segjax.engine import sharding as sharding_lib
-from segjax.engine import steps as steps_lib
 from segjax.engine.checkpoint import Checkpointer, find_checkpoint_dir, latest_run
 
 log = logging.getLogger("segjax")
@@ -36,7 +37,7 @@ def build_state(task, mesh: jax.sharding.Mesh, steps_per_epoch: int, epochs: int
     """The task's model and optimizer as split NNX state, created sharded by `cfg.mesh` (with the
     modules `cfg.train.remat` names rematerialised)."""
     cfg = task.cfg
-    tx, schedule = steps_lib.make_optimizer(cfg.optim, steps_per_epoch, epochs)
+    tx, schedule = optim_lib.make_optimizer(cfg.optim, steps_per_epoch, epochs)
 
     def create():
         model = task.build_model(nnx.Rngs(cfg.train.seed))
@@ -48,6 +49,7 @@ def build_state(task, mesh: jax.sharding.Mesh, steps_per_epoch: int, epochs: int
     model = nnx.merge(model_def, model_state)
     num_params, num_trained = (sum(x.size for x in jax.tree.leaves(nnx.state(model, which)))
                                for which in (nnx.Param, task.trainable))
+    optim_lib.log_groups(cfg.optim.param_groups, nnx.state(model, task.trainable))
     return ModelSetup(model_def, eval_def, opt_def, model_state, opt_state, shardings, schedule, num_params,
                       num_trained)
 
@@ -119,10 +121,31 @@ def init_weights(task, model_def: nnx.GraphDef, model_state: nnx.State, sharding
     if source == "latest":
         source = latest_run(cfg.train.run_root, cfg.experiment)
     checkpointer, step = open_checkpoint(source)
-    model_state, _, _ = checkpointer.restore(step, model_state)
+    saved = config_lib.from_dict(checkpointer.meta(step)["config"])
+    ema_task = tasks.build(saved) if saved.optim.ema_decay else None
+    model_state, _ = checkpoint_weights(checkpointer, step, model_state, ema_task)
     checkpointer.close()
     log.info("initialised weights from %s step %d", checkpointer.directory, step)
     return model_state
+
+
+def checkpoint_weights(checkpointer: Checkpointer, step: int, model_state: nnx.State,
+                       ema_task=None) -> tuple[nnx.State, dict]:
+    """A checkpoint's weights, restored into `model_state`'s structure and shardings (abstract or
+    live), and its meta. `ema_task`: the task of a checkpoint that averaged its weights
+    (optim.ema_decay > 0), built from its config: its trained parameters are then their EMA (as
+    mmengine's EMAHook saves the averaged model as the state dict), read alone from the optimizer state."""
+    if ema_task is None:
+        model_state, _, meta = checkpointer.restore(step, model_state)
+        return model_state, meta
+    optim_cfg = ema_task.cfg.optim
+    # The state's structure only: any schedule of the same kind does (a callable one, as in training).
+    tx = optim_lib.transformation(optim_cfg, optax.constant_schedule(optim_cfg.lr))
+    optimizer = nnx.eval_shape(lambda: nnx.Optimizer(ema_task.build_model(nnx.Rngs(0)), tx, wrt=ema_task.trainable))
+    target = optim_lib.ema_target(nnx.state(optimizer), model_state)
+    model_state, ema, meta = checkpointer.restore(step, model_state, target, partial=True)
+    log.info("weights: the exponential moving average (optim.ema_decay=%g) of step %d", optim_cfg.ema_decay, step)
+    return optim_lib.ema_weights(model_state, ema), meta
 
 
 class Restored(typing.NamedTuple):
@@ -161,6 +184,6 @@ def restore_model(path: str | Path, *, overrides: Sequence[str] = (), sharding=N
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state)
     checkpointer = Checkpointer(ckpt_dir, read_only=True)
-    state, _, meta = checkpointer.restore(step, abstract_state)
+    state, meta = checkpoint_weights(checkpointer, step, abstract_state, task if task.cfg.optim.ema_decay else None)
     checkpointer.close()
     return Restored(task, graphdef, state, ckpt_dir, step, meta)

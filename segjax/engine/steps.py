@@ -14,40 +14,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jnp.ndarray, tuple[dict, dict]]]
-
-
-def make_optimizer(cfg, steps_per_epoch: int, epochs: int) -> tuple[optax.GradientTransformation, Callable]:
-    """optax chain from an OptimConfig; returns it and the learning-rate schedule (per update).
-
-    The schedule spans `epochs`; step and exponential decay count epochs as PyTorch's
-    StepLR / ExponentialLR stepped once per epoch.
-    """
-    updates_per_epoch = max(steps_per_epoch // cfg.gradient_accumulation, 1)
-    total = updates_per_epoch * epochs
-    if cfg.scheduler == "cosine":
-        schedule = optax.cosine_decay_schedule(cfg.lr, max(total, 1), alpha=cfg.min_lr / cfg.lr)
-    elif cfg.scheduler == "step":
-        schedule = optax.exponential_decay(cfg.lr, cfg.step_epochs * updates_per_epoch, cfg.gamma, staircase=True)
-    elif cfg.scheduler == "exponential":
-        schedule = optax.exponential_decay(cfg.lr, updates_per_epoch, cfg.gamma, staircase=True)
-    else:
-        schedule = optax.constant_schedule(cfg.lr)
-    if cfg.optimizer == "sgd":
-        tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                         optax.sgd(schedule, momentum=cfg.momentum))
-    elif cfg.optimizer == "adam":  # L2 in the gradient, as torch.optim.Adam's weight_decay
-        tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(schedule))
-    else:
-        tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
-    if cfg.gradient_clip > 0:
-        tx = optax.chain(optax.clip_by_global_norm(cfg.gradient_clip), tx)
-    if cfg.gradient_accumulation > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=cfg.gradient_accumulation)
-    return tx, schedule
 
 
 def _keep_old_unless(ok: jnp.ndarray, new, old_leaves: list):
