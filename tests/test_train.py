@@ -279,8 +279,7 @@ def test_four_devices_match_one(one_device, data, tmp_path, layout):
     # with heavy cancellation, so its *relative* rounding error is large while the absolute one is not.
     # The bound is fp32 reduction-order noise in the first convolutions' filter gradients (jaxlib 0.12.1):
     # after one step, one device with XLA's own convolution kernels instead of YNNPACK's is 3.0e-6 from
-    # the default, 4 devices 5.1e-6; the second step grows that to 1.3e-5. A sharding error (BatchNorm
-    # statistics per device, a gradient not all-reduced) moves parameters by 1e-3 or more.
+    # the default, 4 devices 5.1e-6; the second step grows that to 1.3e-5.
     diffs = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(one_device["params"], result["params"])]
     print(f"max parameter difference, 1 device vs 4 ({layout}) after two steps: {max(diffs):.2e}")
     assert max(diffs) < 3e-5
