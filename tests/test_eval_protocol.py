@@ -343,3 +343,64 @@ def test_task_checks_crop_against_its_eval_size_and_protocol_support(semantic, t
     task.cfg = apply(load_experiment("hybrid_p3m", demo=True), [("eval.flip", "true")])
     with pytest.raises(ConfigError, match="hybrid_p3m: task 'query_masks' has no evaluation protocol"):
         evaluation.task_protocol(task)
+
+
+def test_mask2former_validation_averages_semantic_scores(ref, tmp_path):
+    """roadways_mask2former (tiny, untrained) validated by sliding window and flip: per image
+    mmseg's slide_inference (torch port) over transformers' semantic inference of each crop,
+    resized to the label's size, averaged without softmax; confusion at the label's resolution."""
+    torch = ref.torch
+    F = torch.nn.functional
+    import jax
+    from flax import nnx
+
+    from segjax import tasks
+    from segjax.data.demo_roads import prepare_road_demo
+    from segjax.engine import mesh as mesh_lib
+    from segjax.models import mask2former
+
+    lists = prepare_road_demo(tmp_path / "roads", num=8)
+    sets = [("data.data_root", str(tmp_path / "roads")), ("data.train_list", lists["train"]),
+            ("data.val_list", lists["val"]), ("model.size", "tiny"), ("model.num_queries", "4"),
+            ("data.eval_size", "64,128"), ("eval.resize", "96,160"), ("eval.mode", "slide"), ("eval.crop", "64,64"),
+            ("eval.stride", "48,40"), ("eval.flip", "true")]
+    task = tasks.build(validate(apply(load_experiment("roadways_mask2former"), sets)))
+    model = task.build_model(nnx.Rngs(0))
+    model.eval()
+    graphdef, state = nnx.split(model)
+    evaluator = evaluation.make_evaluator(task, graphdef, mesh_lib.make_data_mesh(), task.cfg)
+    assert evaluator.protocol.logits is False
+    got = evaluation.validate_model(evaluator, state)
+
+    outputs = jax.jit(lambda s, x: mask2former.export_forward(nnx.merge(graphdef, s), x))
+
+    def encode_decode(crop):  # transformers' post_process_semantic_segmentation at the crop's size
+        classes, masks = (torch.from_numpy(np.array(o)) for o in outputs(state, np.asarray(crop) / 255.0))
+        masks = F.interpolate(masks, size=crop.shape[2:], mode="bilinear", align_corners=False)
+        return torch.einsum("bqc,bqhw->bchw", classes.softmax(-1)[..., :-1], masks.sigmoid())
+
+    num_classes = len(task.class_names)
+    source, read = task.val_images()
+    total, bad = 0, 0
+    for entry in source:
+        pair = read(entry)
+        if pair is None:
+            bad += 1
+            continue
+        image, label = pair
+        height, width = label.shape
+        w, h = mmcv_rescale_size((width, height), (160, 96))
+        resized = torch.from_numpy(inference.resize_image(image, (h, w)).transpose(2, 0, 1)[None].astype(np.float32))
+        merged = 0
+        for flip in (False, True):
+            x = resized.flip(3) if flip else resized
+            x = F.pad(x, (0, max(64 - w, 0), 0, max(64 - h, 0)))
+            scores = mmseg_slide_inference(torch, x, (64, 64), (48, 40), encode_decode, num_classes)[0][:, :, :h, :w]
+            scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
+            merged = merged + (scores.flip(3) if flip else scores) / 2
+        pred = merged[0].argmax(0).numpy()
+        total = total + np.asarray(metrics.confusion_matrix(label, pred, num_classes, ignore_index=255))
+    expected = metrics.summarize_confusion(total, list(task.class_names))
+    assert bad == 0 and got["images"] == len(source) > 0 and label.shape == (128, 256)  # not the model's 64 x 128
+    assert got["miou"] == pytest.approx(expected["miou"], abs=1e-6)
+    assert got["pixel_accuracy"] == pytest.approx(expected["pixel_accuracy"], abs=1e-6)
