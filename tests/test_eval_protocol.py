@@ -404,3 +404,53 @@ def test_mask2former_validation_averages_semantic_scores(ref, tmp_path):
     assert bad == 0 and got["images"] == len(source) > 0 and label.shape == (128, 256)  # not the model's 64 x 128
     assert got["miou"] == pytest.approx(expected["miou"], abs=1e-6)
     assert got["pixel_accuracy"] == pytest.approx(expected["pixel_accuracy"], abs=1e-6)
+
+
+MESH_SCRIPT = """
+import json, sys
+import jax, numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from segjax import tasks
+from segjax.config import apply, load_experiment
+from segjax.data.demo import write_voc_demo
+from segjax.engine import evaluation
+from segjax.engine.mesh import AXES
+
+voc = write_voc_demo(sys.argv[1], num_train=1, num_val=2, size=(90, 70))
+cfg = apply(load_experiment("voc_resnet"), [("data.data_root", str(voc)), ("model.size", "tiny"),
+            ("model.name", "resnet18"), ("data.eval_size", "64"), ("eval.mode", "slide"), ("eval.crop", "48,48"),
+            ("eval.stride", "16,24"), ("eval.batch_size", "3"), ("eval.flip", "true")])
+task = tasks.build(cfg)
+model = task.build_model(nnx.Rngs(0))
+model.eval()
+graphdef, state = nnx.split(model)
+out = {}
+for name, devices, shape in (("one", jax.devices()[:1], (1, 1, 1)), ("data", jax.devices(), (4, 1, 1)),
+                             ("fsdp", jax.devices(), (2, 2, 1))):
+    mesh = Mesh(np.asarray(devices).reshape(shape), AXES)
+    evaluator = evaluation.make_evaluator(task, graphdef, mesh, task.cfg)
+    placed = jax.device_put(state, NamedSharding(mesh, P()))
+    out[name] = {"batch": evaluator.protocol.batch_size, "metrics": evaluation.validate_model(evaluator, placed)}
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_protocol_on_four_devices_matches_one(tmp_path):
+    """The crops split over the mesh's batch axes (the batch rounded up to them), scores gathered
+    back: the same metrics as on one device."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(tmp_path / "voc")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT")).removeprefix("RESULT "))
+    assert [result[k]["batch"] for k in ("one", "data", "fsdp")] == [3, 4, 4]
+    for layout in ("data", "fsdp"):
+        for key in ("miou", "pixel_accuracy", "images"):
+            assert result[layout]["metrics"][key] == pytest.approx(result["one"]["metrics"][key], abs=1e-6), layout

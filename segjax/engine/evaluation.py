@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from segjax.data import pipeline
 from segjax.engine import inference
@@ -125,7 +126,8 @@ def _validate_images(evaluator: Evaluator, model_state, on_first_batch) -> dict:
     sums = {"count": 0, "records": len(source), "bad_records": 0,
             "confusion": np.zeros((num_classes, num_classes), np.int64),
             **{name: float("nan") for name in task.loss_terms}}  # no loss: images of any size, no targets
-    for entry in source:
+    for entry in tqdm(source, desc="validate", unit="image", leave=False, dynamic_ncols=True,
+                      disable=jax.process_index() != 0):
         pair = read(entry)
         if pair is None:
             sums["bad_records"] += 1
