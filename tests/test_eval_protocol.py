@@ -205,7 +205,7 @@ SLIDE = ["eval.resize=80,96", "eval.mode=slide", "eval.crop=64,64", "eval.stride
 @pytest.fixture(scope="module")
 def semantic(tmp_path_factory) -> dict:
     """voc_resnet trained one epoch on tiny demo data (100x75 images), validated with the sliding
-    window and test-time scales and flip; its ONNX export."""
+    window and test-time scales and flip."""
     tmp = tmp_path_factory.mktemp("semantic")
     voc = write_voc_demo(tmp / "voc", num_train=4, num_val=3, size=(100, 75))
     sets = [arg for item in SLIDE for arg in ("--set", item)]
@@ -213,13 +213,18 @@ def semantic(tmp_path_factory) -> dict:
                              "--checkpoint_dir", str(tmp / "runs")])
     summary = train_and_evaluate(cfg)
     restored = restore_model(summary["run_dir"], overrides=["train.precision=fp32"])
+    return {"run_dir": summary["run_dir"], "summary": summary, "restored": restored, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def onnx_model(semantic) -> str:
     from flax import nnx
 
     from segjax.export.onnx import export
 
-    export(restored.task, nnx.merge(restored.graphdef, restored.state), tmp / "model.onnx")
-    return {"run_dir": summary["run_dir"], "summary": summary, "onnx": str(tmp / "model.onnx"), "restored": restored,
-            "voc": voc}
+    restored = semantic["restored"]
+    export(restored.task, nnx.merge(restored.graphdef, restored.state), semantic["tmp"] / "model.onnx")
+    return str(semantic["tmp"] / "model.onnx")
 
 
 def direct_metrics(restored, sets: list[str]) -> dict:
@@ -284,12 +289,12 @@ def test_slide_with_the_whole_image_as_crop_is_whole(semantic):
     np.testing.assert_allclose(got, np.moveaxis(expected, -1, 0), rtol=1e-4, atol=1e-4)
 
 
-def test_predict_follows_the_protocol_in_jax_and_onnx(semantic, realdata, tmp_path, capsys):
+def test_predict_follows_the_protocol_in_jax_and_onnx(semantic, onnx_model, realdata, tmp_path, capsys):
     photo = realdata / "voc_assembled/VOCdevkit/VOC2012/JPEGImages/2007_000033.jpg"
     sets = [a for s in SLIDE for a in ("--set", s)]
     assert predict.main(["--checkpoint", semantic["run_dir"], "--image", str(photo), "--out_dir",
                          str(tmp_path / "jax"), *sets]) == 0
-    assert predict.main(["--onnx", semantic["onnx"], "--image", str(photo), "--out_dir", str(tmp_path / "onnx"),
+    assert predict.main(["--onnx", onnx_model, "--image", str(photo), "--out_dir", str(tmp_path / "onnx"),
                          *sets]) == 0
     jax_mask = np.asarray(Image.open(tmp_path / "jax" / "2007_000033_mask.png"))
     onnx_mask = np.asarray(Image.open(tmp_path / "onnx" / "2007_000033_mask.png"))
@@ -302,7 +307,7 @@ def test_predict_follows_the_protocol_in_jax_and_onnx(semantic, realdata, tmp_pa
     np.testing.assert_array_equal(jax_mask, inference.segment(read_rgb(photo), evaluation.task_protocol(task), forward))
     # The ONNX graph's input is fixed: another crop size is refused in one line.
     capsys.readouterr()
-    assert predict.main(["--onnx", semantic["onnx"], "--image", str(photo), "--out_dir", str(tmp_path / "x"), *sets,
+    assert predict.main(["--onnx", onnx_model, "--image", str(photo), "--out_dir", str(tmp_path / "x"), *sets,
                          "--set", "eval.crop=48,48", "--set", "eval.stride=24,24"]) == 2
     assert capsys.readouterr().err == "error: eval.crop (48, 48) must equal the model's fixed input size (64, 64)\n"
 
