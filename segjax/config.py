@@ -106,8 +106,8 @@ class MeshConfig:
 class EvalConfig:
     """The evaluation protocol of semantic outputs (validation, segjax.evaluate, segjax.predict), as
     mmsegmentation's test pipeline; README "Evaluation protocol". The defaults are the fast fixed-size
-    batched validation (each image letterboxed into the data's eval size); any other value runs the
-    protocol per image, with metrics at each label's own resolution."""
+    batched validation (each image resized into the data's eval size); any other value of resize,
+    mode, scales or flip runs the protocol per image, metrics at each label's own resolution."""
     # (h, w): keep-ratio resize as mmseg's Resize(scale, keep_ratio=True), long edge <= max, short
     # edge <= min; () = into the data's eval size.
     resize: tuple[int, ...] = ()

@@ -304,14 +304,17 @@ class TaskBase:
 
     eval_outputs: ClassVar[str | None] = None
 
+    def _no_protocol(self) -> Unsupported:
+        return self._unsupported("evaluation protocol (eval.*): its outputs are not per-pixel class scores")
+
     def eval_size(self) -> tuple[int, int]:
-        raise self._unsupported("evaluation protocol (eval.*): its outputs are not per-pixel class scores")
+        raise self._no_protocol()
 
     def val_images(self):
-        raise self._unsupported("evaluation protocol (eval.*): its outputs are not per-pixel class scores")
+        raise self._no_protocol()
 
     def crop_scores(self, outputs, size):
-        raise self._unsupported("evaluation protocol (eval.*): its outputs are not per-pixel class scores")
+        raise self._no_protocol()
 
     def inference_stages(self) -> list[tuple[str, Callable]]:
         return []
