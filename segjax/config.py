@@ -114,6 +114,23 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """The evaluation protocol of semantic outputs (validation, segjax.evaluate, segjax.predict), as
+    mmsegmentation's test pipeline; README "Evaluation protocol". The defaults are the fast fixed-size
+    batched validation (each image resized into the data's eval size); any other value of resize,
+    mode, scales or flip runs the protocol per image, metrics at each label's own resolution."""
+    # (h, w): keep-ratio resize as mmseg's Resize(scale, keep_ratio=True), long edge <= max, short
+    # edge <= min; () = into the data's eval size.
+    resize: tuple[int, ...] = ()
+    mode: Literal["whole", "slide"] = "whole"  # mmseg's test_cfg mode
+    crop: tuple[int, ...] = ()  # slide: crop (h, w); the image is padded to at least this
+    stride: tuple[int, ...] = ()  # slide: (h, w), each in [1, crop]
+    scales: tuple[float, ...] = (1.0,)  # test-time scales, factors of `resize` (mmseg's img_ratios)
+    flip: bool = False  # test-time horizontal flip
+    batch_size: int = 4  # slide: crops per forward, one compiled shape (rounded up to the data devices)
+
+
+@dataclass(frozen=True)
 class Config:
     experiment: str
     task: str  # module in segjax.tasks that supplies model, loss, metrics and data
@@ -123,6 +140,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _experiments_package() -> types.ModuleType:
@@ -354,6 +372,9 @@ def validate(cfg: Config) -> Config:
             re.compile(pattern)
         except re.error as e:
             raise ConfigError(f"train.remat: {pattern!r} is not a regex ({e})") from None
+    from segjax.engine.inference import check_eval  # the protocol's rules live with it
+
+    check_eval(cfg.eval)
     if cfg.train.test_only and not (cfg.train.resume or cfg.train.init_from):
         raise ConfigError("test_only needs a checkpoint: pass --resume PATH or --init_from PATH")
     return cfg

@@ -15,11 +15,10 @@ from pathlib import Path
 import jax
 
 from segjax.engine import mesh as mesh_lib
-from segjax.engine import steps as steps_lib
+from segjax.engine.evaluation import make_evaluator, validate_model
 from segjax.engine.runlog import setup_console_logging
 from segjax.engine.setup import restore_model
 from segjax.errors import guarded
-from segjax.train import validate_model
 
 
 def evaluate_checkpoint(path: str | Path, *, visualize: bool = True, overrides: list[str] = ()) -> dict:
@@ -28,15 +27,14 @@ def evaluate_checkpoint(path: str | Path, *, visualize: bool = True, overrides: 
     restored = restore_model(path, overrides=overrides, sharding=mesh_lib.replicated(mesh))
     task, step, ckpt_dir = restored.task, restored.step, restored.ckpt_dir
     cfg = task.cfg
-    eval_step = steps_lib.make_eval_step(restored.graphdef, task.loss_and_sums, cfg.train.seed)
+    evaluator = make_evaluator(task, restored.graphdef, mesh, cfg)
     out_dir = ckpt_dir.parent / "visualizations" / f"eval_step{step}"
 
     def draw(batch, outputs):
         if visualize and jax.process_index() == 0:
-            outputs = mesh_lib.to_local(outputs, mesh)
             task.visualize(batch, outputs, out_dir, f"step{step}", cfg.train.num_visualizations)
 
-    metrics = validate_model(task, eval_step, restored.state, mesh, cfg, on_first_batch=draw)
+    metrics = validate_model(evaluator, restored.state, on_first_batch=draw)
     return {"checkpoint": str(ckpt_dir / str(step)), "epoch": restored.meta["epoch"], "step": step,
             "best_metric": task.best_metric, "best_mode": task.best_mode, "shown_metrics": list(task.shown_metrics),
             "metrics": metrics}
@@ -75,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_visualization", action="store_true", help="skip overlay images")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a saved config field, e.g. --set data.val_ann=other.json")
+                        help="override a saved config field, e.g. --set data.val_ann=other.json or "
+                        "--set eval.mode=slide (README \"Evaluation protocol\")")
     args = parser.parse_args(argv)
     if bool(args.checkpoint) == bool(args.multiple):
         parser.error("give either CHECKPOINT or --multiple GLOB")

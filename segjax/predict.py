@@ -4,8 +4,12 @@ Every image is letterboxed to the model's input size (one compiled shape for any
 run through the task's export forward (`task.export_forward` of its `predict_variant`, in JAX
 with float32 arithmetic) or through the same forward exported to ONNX (`--onnx`, onnxruntime),
 and turned into a class per pixel at the image's own size by the task (`task.postprocess`). Both
-paths share the pre- and post-processing. An .onnx file written by tools/export_onnx.py carries
-its config, so `--onnx` needs no checkpoint; with one, its config is used.
+paths share the pre- and post-processing. With the config's `eval` section set (`--set
+eval.mode=slide --set eval.crop=H,W ...`, README "Evaluation protocol"), semantic models follow
+mmsegmentation's test protocol instead (segjax.engine.inference: keep-ratio resize, sliding
+window, test-time scales and flip), the exported graph run per crop with --onnx. An .onnx file
+written by tools/export_onnx.py carries its config, so `--onnx` needs no checkpoint; with one, its
+config is used.
 
 Written into --out_dir, per image `<name>`: `<name>_mask.png`, the class indices as a palette PNG
 (the task's colours), and `<name>_overlay.png`, the class colours blended at alpha 0.5 into the
@@ -48,6 +52,8 @@ from segjax.config import ConfigError
 from segjax.data.errors import DataError
 from segjax.data.files import IMAGE_SUFFIXES, BadImage, read_rgb
 from segjax.engine import steps as steps_lib
+from segjax.engine.evaluation import CropScorer, score_fn, task_protocol
+from segjax.engine.inference import images_nchw, segment, uses_protocol
 from segjax.engine.runlog import setup_console_logging
 from segjax.engine.setup import checkpoint_config, restore_model
 from segjax.errors import guarded
@@ -58,10 +64,15 @@ ALPHA = 0.5
 
 class Runner:
     """The task's predict forward on inputs by name: `images` uint8 NHWC, made float NCHW in
-    [0, 1] here, as the exported graph takes them. `size` is the model's input (height, width)."""
+    [0, 1] here, as the exported graph takes them. `size` is the model's input (height, width).
+    `scores` is the evaluation protocol's forward (uint8 NHWC crops -> per-class scores NCHW, see
+    segjax.engine.inference), None for tasks without one; `fixed_size` the only input size it takes
+    (an ONNX graph's), None when any."""
 
-    def __init__(self, names: list[str], size: tuple[int, int], forward: Callable, stages: list[tuple[str, Callable]]):
+    def __init__(self, names: list[str], size: tuple[int, int], forward: Callable, stages: list[tuple[str, Callable]],
+                 scores: Callable | None = None, fixed_size: tuple[int, int] | None = None):
         self.names, self.size, self.forward, self.stages = names, size, forward, stages
+        self.scores, self.fixed_size = scores, fixed_size
 
     def __call__(self, inputs: dict) -> list[np.ndarray]:
         return [np.asarray(x) for x in self.forward(*(inputs[name] for name in self.names))]
@@ -93,11 +104,6 @@ def _input_size(shape, source: str) -> tuple[int, int]:
     return height, width
 
 
-def _images_nchw(images, xp=jnp):
-    """uint8 NHWC images -> float32 NCHW in [0, 1] (xp: jax.numpy on device, numpy for onnxruntime)."""
-    return xp.moveaxis(xp.asarray(images).astype(xp.float32) / 255.0, -1, 1)
-
-
 def _signature(task):
     try:
         return task.export_signature(task.predict_variant)
@@ -105,25 +111,28 @@ def _signature(task):
         raise ConfigError(f"cannot predict with this model: {e}") from e
 
 
-def jax_runner(checkpoint: str):
-    """(task, Runner) of a checkpoint, float32 arithmetic as exported."""
-    restored = restore_model(checkpoint, overrides=["train.precision=fp32"])
+def jax_runner(checkpoint: str, overrides: list[str] = ()):
+    """(task, Runner) of a checkpoint, float32 arithmetic as exported; `overrides` are --set's."""
+    restored = restore_model(checkpoint, overrides=["train.precision=fp32", *overrides])
     task, graphdef, state = restored.task, restored.graphdef, restored.state
     signature, _ = _signature(task)
     names = [name for name, _ in signature]
 
     def forward(s, images, *rest):
-        return task.export_forward(nnx.merge(graphdef, s), _images_nchw(images), *rest, variant=task.predict_variant)
+        return task.export_forward(nnx.merge(graphdef, s), images_nchw(images, jnp), *rest,
+                                   variant=task.predict_variant)
 
     jitted = steps_lib.inference_jit(forward)
     stages = [(name, functools.partial(steps_lib.inference_jit(lambda s, x, fn=fn: fn(nnx.merge(graphdef, s), x)),
                                        state)) for name, fn in task.inference_stages()]
     size = _input_size(dict(signature)["images"], checkpoint)
-    return task, Runner(names, size, functools.partial(jitted, state), stages)
+    scores = CropScorer(steps_lib.inference_jit(score_fn(task, graphdef)), state) if task.eval_outputs else None
+    return task, Runner(names, size, functools.partial(jitted, state), stages, scores)
 
 
-def onnx_runner(path: str, checkpoint: str | None, providers: list[str]):
-    """(task, Runner) of an exported model; the task from `checkpoint`'s config, else the file's."""
+def onnx_runner(path: str, checkpoint: str | None, providers: list[str], overrides: list[str] = ()):
+    """(task, Runner) of an exported model; the task from `checkpoint`'s config, else the file's,
+    with `overrides` (--set's)."""
     from segjax.export.runtime import make_session, read_metadata
 
     try:
@@ -138,7 +147,7 @@ def onnx_runner(path: str, checkpoint: str | None, providers: list[str]):
     else:
         raise ConfigError(f"{path} carries no segjax config in its metadata (exported by an older segjax); "
                           "give the run it came from with --checkpoint")
-    task = tasks.build(cfg)
+    task = tasks.build(config_lib.apply(cfg, config_lib.parse_set(overrides)))
     if meta.get("variant") != task.predict_variant or meta.get("experiment") != cfg.experiment:
         raise ConfigError(f"{path} is the {meta.get('variant')!r} variant of {meta.get('experiment')!r}; prediction "
                           f"with {cfg.experiment!r} runs variant {task.predict_variant!r}")
@@ -152,10 +161,16 @@ def onnx_runner(path: str, checkpoint: str | None, providers: list[str]):
     outputs = [o.name for o in session.get_outputs()]
 
     def forward(images, *rest):
-        feed = {"images": _images_nchw(images, np)} | dict(zip(names[1:], rest))
+        feed = {"images": images_nchw(images)} | dict(zip(names[1:], rest))
         return session.run(outputs, feed)
 
-    return task, Runner(names, _input_size(inputs["images"], path), forward, [])
+    crop_scores = jax.jit(task.crop_scores, static_argnums=1)
+
+    def scores(crops):  # the graph per crop batch, then the task's scores as in JAX
+        return np.asarray(crop_scores(tuple(forward(crops)), crops.shape[1:3]))
+
+    size = _input_size(inputs["images"], path)
+    return task, Runner(names, size, forward, [], scores if task.eval_outputs else None, size)
 
 
 # ---------------------------------------------------------------- inputs
@@ -265,6 +280,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--score_threshold", type=float, default=0.5, help="--detections: minimum score")
     parser.add_argument("--timing", action="store_true", help="print median times of each model part")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per part with --timing")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set eval.mode=slide (README \"Evaluation protocol\")")
     args = parser.parse_args(argv)
     if not (args.checkpoint or args.onnx):
         parser.error("give --checkpoint RUN or --onnx MODEL")
@@ -299,12 +316,17 @@ def task_options(task, args) -> Callable[[Path], dict]:
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
     args = parse_args(argv)
-    task, runner = (onnx_runner(args.onnx, args.checkpoint, args.provider or ["cpu"]) if args.onnx
-                    else jax_runner(args.checkpoint))
+    task, runner = (onnx_runner(args.onnx, args.checkpoint, args.provider or ["cpu"], args.set) if args.onnx
+                    else jax_runner(args.checkpoint, args.set))
     experiment = Path(task.cfg.experiment).stem
     if args.experiment and Path(args.experiment).stem != experiment:
         raise ConfigError(f"{args.onnx or args.checkpoint} is a model of {experiment!r}, not {args.experiment!r}")
     options = task_options(task, args)
+    protocol = None
+    if uses_protocol(task.cfg.eval):
+        protocol = task_protocol(task, fixed_size=runner.fixed_size)
+        if args.timing:
+            raise ConfigError("--timing times the fixed-size forward; leave eval.* at its defaults")
     images = list_images(args.image, args.input_dir)
     out_dir = Path(args.out_dir)
     palette = task.palette()
@@ -316,8 +338,11 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
-        inputs, context = task.predict_inputs(image, size=runner.size, **options(path))
-        mask = task.postprocess(runner(inputs), context)
+        if protocol is not None:
+            inputs, mask = None, segment(image, protocol, runner.scores)
+        else:
+            inputs, context = task.predict_inputs(image, size=runner.size, **options(path))
+            mask = task.postprocess(runner(inputs), context)
         save(mask, overlay(image, mask, palette, task.class_names), palette, out_dir, name)
         timed = timed or inputs
     done = len(images) - failed

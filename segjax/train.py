@@ -25,6 +25,7 @@ from segjax.engine import optim as optim_lib
 from segjax.engine import preemption, setup
 from segjax.engine import steps as steps_lib
 from segjax.engine.checkpoint import Checkpointer, find_checkpoint_dir, latest_run
+from segjax.engine.evaluation import make_evaluator, validate_model
 from segjax.engine.runlog import RunLog, setup_console_logging
 from segjax.errors import guarded
 
@@ -110,29 +111,6 @@ def _log_metrics(runlog: RunLog, step: int, epoch: int, split: str, metrics: dic
     runlog.write(step, epoch, split, metrics)
 
 
-def validate_model(task, eval_step, model_state, mesh, cfg, *, on_first_batch=None) -> dict:
-    """Runs the validation set once; returns the task's metrics. Sums stay on device per batch
-    and are flushed to 64-bit host totals every `log_every` batches."""
-    source, transform = task.val_data()
-    global_batch = cfg.train.eval_batch_size or cfg.train.batch_size
-    local_batch = mesh_lib.check_batch_size(global_batch, mesh)
-    totals = steps_lib.HostSums()
-    pending = None
-    batches = pipeline.eval_batches(source, transform, local_batch=local_batch, global_batch=global_batch,
-                                    num_workers=cfg.train.num_workers)
-    for i, batch in enumerate(batches):
-        sums, outputs = eval_step(model_state, mesh_lib.to_global_batch(batch, mesh))
-        if i == 0 and on_first_batch is not None:
-            on_first_batch(batch, outputs)
-        pending = sums if pending is None else steps_lib.add_sums(pending, sums)
-        if (i + 1) % cfg.train.log_every == 0:
-            totals.add(pending)
-            pending = None
-    if pending is not None:
-        totals.add(pending)
-    return task.summarize(totals.total)
-
-
 def _check_health(totals: dict, cfg: config_lib.Config) -> None:
     bad, records = int(totals["bad_records"]), int(totals["records"])
     if records and bad / records > cfg.train.max_bad_record_ratio:
@@ -199,17 +177,16 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
     # --- Steps -------------------------------------------------------------------------------------
     train_step = steps_lib.make_train_step(state.model_def, state.opt_def, task.loss_and_sums, state.shardings,
                                            cfg.train.seed, wrt=task.trainable)
-    eval_step = steps_lib.make_eval_step(state.eval_def, task.loss_and_sums, cfg.train.seed)
+    evaluator = make_evaluator(task, state.eval_def, mesh, cfg)
     vis_dir = run_dir / "visualizations"
 
     def validate(epoch: int) -> dict:
         def draw(batch, outputs):
             if runlog.enabled and cfg.train.num_visualizations:
-                task.visualize(batch, mesh_lib.to_local(outputs, mesh), vis_dir, f"epoch{epoch:03d}",
-                               cfg.train.num_visualizations)
+                task.visualize(batch, outputs, vis_dir, f"epoch{epoch:03d}", cfg.train.num_visualizations)
 
         weights = optim_lib.ema_weights(model_state, opt_state) if cfg.optim.ema_decay else model_state
-        metrics = validate_model(task, eval_step, weights, mesh, cfg, on_first_batch=draw)
+        metrics = validate_model(evaluator, weights, on_first_batch=draw)
         metrics["lr"] = current_lr()  # the rate the validated weights were last updated with
         _log_metrics(runlog, step, epoch, "val", metrics, task.shown_metrics)
         return metrics

@@ -164,7 +164,7 @@ def test_override_parses_by_type(base, key, text, expected):
     ("optim.optimizer", "lion", r"optim.optimizer='lion' is not valid; choose one of \['adamw', 'adam', 'sgd'\]"),
     ("optim.scheduler", "linear", r"choose one of \['cosine', 'step', 'exponential', 'poly', 'none'\]"),
     ("nope.x", "1", r"unknown config key 'nope' in 'nope.x'; valid keys here: "
-                    r"\['experiment', 'task', 'data', 'model', 'loss', 'optim', 'train', 'mesh'\]"),
+                    r"\['experiment', 'task', 'data', 'model', 'loss', 'optim', 'train', 'mesh', 'eval'\]"),
     ("train.epochz", "3", r"unknown config key 'epochz' in 'train.epochz'; valid keys here: \[.*'epochs'.*\]"),
     ("data.image_sise", "3", r"'data.image_sise'; valid keys here: \[.*'image_size'.*\]"),
     ("train", "3", r"'train' is a section; set one of its fields: \['epochs', 'batch_size'"),

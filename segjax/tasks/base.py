@@ -27,6 +27,7 @@ from PIL import Image
 from segjax import metrics
 from segjax.config import ConfigError
 from segjax.data import transforms, voc
+from segjax.engine.inference import bilinear_axis, resample
 
 
 class Unsupported(ConfigError):
@@ -100,6 +101,20 @@ class Task(Protocol):
     def palette(self) -> np.ndarray:
         """uint8 [256, 3] colours of the class indices, for prediction overlays."""
 
+    # The evaluation protocol (segjax.engine.inference; tasks with per-pixel class scores).
+    eval_outputs: Literal["logits", "probabilities"] | None  # what crop_scores gives; None = no protocol
+
+    def eval_size(self) -> tuple[int, int]:
+        """(height, width) the fixed-size validation fits images into: the bound of an empty eval.resize."""
+
+    def val_images(self) -> tuple[Sequence, Callable[[Any], tuple[np.ndarray, np.ndarray] | None]]:
+        """(source, read): read(entry) is the validation record's (RGB uint8 [H, W, 3], class-index
+        label uint8 [H, W]) at their own size (values outside the classes ignored), None when unreadable."""
+
+    def crop_scores(self, outputs: Sequence[jax.Array], size: tuple[int, int]) -> jax.Array:
+        """The `predict_variant`'s export outputs for a batch of crops of `size` -> per-class
+        scores float32 [B, K, *size] (jax.numpy, jit-able)."""
+
     def inference_stages(self) -> list[tuple[str, Callable]]:
         """(name, fn(model, x)) from float NHWC images in [0, 1] to the model's outputs, for
         per-part timing; [] = the model as one part."""
@@ -123,22 +138,6 @@ def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Let
     height, width = image.shape[:2]
     content_h, content_w, _ = transforms.letterbox_size(height, width, size)
     return boxed[None], Letterbox(height, width, tuple(size), (content_h, content_w), scale)
-
-
-def bilinear_axis(count: int, length: int, start: float, stop: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bilinear sampling of `count` pixels spanning source coordinates [start, stop) of an axis of
-    `length` pixels (pixel centres, edges clamped): (lower index, upper index, upper weight)."""
-    centres = np.clip(start + (np.arange(count) + 0.5) * (stop - start) / count - 0.5, 0, length - 1)
-    low = np.floor(centres).astype(np.int64)
-    return low, np.minimum(low + 1, length - 1), (centres - low).astype(np.float32)
-
-
-def resample(scores: np.ndarray, rows: tuple, cols: tuple) -> np.ndarray:
-    """scores [K, h, w] sampled at `bilinear_axis` rows and columns -> [K, len(rows), len(cols)]."""
-    low, high, weight = rows
-    x = scores[:, low] * (1 - weight[:, None]) + scores[:, high] * weight[:, None]
-    low, high, weight = cols
-    return x[..., low] * (1 - weight) + x[..., high] * weight
 
 
 PIXEL_BUDGET = 1 << 24  # floats resampled at once by class_map: bounds its memory on large images
@@ -302,6 +301,20 @@ class TaskBase:
     def palette(self) -> np.ndarray:
         """PASCAL VOC's colours."""
         return voc.voc_palette()
+
+    eval_outputs: ClassVar[str | None] = None
+
+    def _no_protocol(self) -> Unsupported:
+        return self._unsupported("evaluation protocol (eval.*): its outputs are not per-pixel class scores")
+
+    def eval_size(self) -> tuple[int, int]:
+        raise self._no_protocol()
+
+    def val_images(self):
+        raise self._no_protocol()
+
+    def crop_scores(self, outputs, size):
+        raise self._no_protocol()
 
     def inference_stages(self) -> list[tuple[str, Callable]]:
         return []

@@ -269,6 +269,20 @@ class Task(TaskBase):
                                     full_size=tuple(int(v) for v in scan.sizes.max(0)))
         return SegmentationSource(scan.pairs), Transform(example)
 
+    # --- the evaluation protocol (segjax.engine.inference) ---
+    eval_outputs = "probabilities"  # semantic scores: softmax classes x sigmoid masks, not logits
+
+    def eval_size(self) -> tuple[int, int]:
+        return tuple(self.cfg.data.eval_size)
+
+    def val_images(self):
+        return SegmentationSource(self._scan("val").pairs), functools.partial(transforms._read_pair, lut=self._lut())
+
+    def crop_scores(self, outputs, size: tuple[int, int]) -> jax.Array:
+        """transformers' semantic inference of each crop (`semantic_scores`, the mask logits
+        upsampled to the crop's size first, as mmseg's Mask2FormerHead.predict), NCHW."""
+        return jnp.moveaxis(mask2former.semantic_scores(jnp.asarray(outputs[0]), jnp.asarray(outputs[1]), size), -1, 1)
+
     # --- loss and metrics (inside jit) ---
     def loss_and_sums(self, model: Mask2Former, batch: dict, key: jax.Array):
         num_classes = len(self.class_names)

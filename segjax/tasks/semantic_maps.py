@@ -27,6 +27,7 @@ from segjax.data.errors import DataError
 from segjax.data.files import BadImage
 from segjax.data.prepare import load_class_names
 from segjax.models.semantic_models import SEMANTIC_MODELS
+from segjax.ops.resize import resize_bilinear
 from segjax.tasks.base import Letterbox, TaskBase, Transform, class_map
 
 log = logging.getLogger("segjax")
@@ -265,6 +266,20 @@ class Task(TaskBase):
 
     def val_data(self):
         return voc.SegmentationSource(self._pairs("val")), Transform(self._eval_example())
+
+    # --- the evaluation protocol (segjax.engine.inference) ---
+    eval_outputs = "logits"
+
+    def eval_size(self) -> tuple[int, int]:
+        return (self.cfg.data.eval_size,) * 2
+
+    def val_images(self):
+        return voc.SegmentationSource(self._pairs("val")), transforms._read_pair
+
+    def crop_scores(self, outputs, size: tuple[int, int]) -> jax.Array:
+        """The logits, at the crops' size."""
+        logits = jnp.moveaxis(outputs[0].astype(jnp.float32), 1, -1)
+        return jnp.moveaxis(resize_bilinear(logits, size), -1, 1)
 
     def loss_and_sums(self, model: nnx.Module, batch: dict, key: jax.Array):
         del key  # the loss draws nothing
