@@ -247,3 +247,27 @@ def test_predict_jax_and_onnx_on_real_road_photos(straight, realdata, tmp_path, 
         assert mask.shape == (photo.height, photo.width) and mask.max() < 26
         assert (mask == np.asarray(Image.open(tmp_path / "onnx" / path.name))).mean() > 0.999
         assert (tmp_path / "jax" / path.name.replace("_mask", "_overlay")).exists()
+
+
+def test_paper_recipe_at_tiny_size(roads, tmp_path):
+    """`--mode paper` carries Mask2Former's Cityscapes recipe; a few steps of it at tiny size train
+    every part with its parameter groups, the poly rate and whole-image protocol validation."""
+    cfg = config_lib.load_experiment("roadways_mask2former", mode="paper")
+    assert (cfg.train.batch_size, cfg.data.crop, cfg.data.base_height, cfg.data.scale_min, cfg.data.scale_max) == (
+        16, (512, 1024), 1024, 0.5, 2.0)
+    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.scheduler, cfg.optim.power,
+            cfg.optim.gradient_clip, cfg.optim.param_groups) == ("adamw", 1e-4, 0.05, "poly", 0.9, 0.01, ("mask2former",))
+    assert cfg.train.epochs * (2975 // 16) == 90_095 and cfg.eval.resize == (1024, 2048)
+    assert set(cfg.model.train_parts) == {"backbone", "pixel_decoder", "transformer"}
+
+    summary = run(argv(roads, tmp_path, "--mode", "paper", "--epochs", "2", "--set", "data.classes=idd_level3",
+                       "--set", "data.label_ids=train", "--set", "data.label_suffix=", "--set", "eval.resize=64,128"))
+    rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    steps_per_epoch, total = train_rows[0]["step"], train_rows[-1]["step"]
+    for r in train_rows:  # the rate of each epoch's last update: poly 0.9 from 1e-4, no warm-up
+        assert r["lr"] == pytest.approx(1e-4 * (1 - (r["step"] - 1) / total) ** 0.9, rel=1e-5)
+    assert steps_per_epoch >= 1 and np.isfinite(train_rows[-1]["loss"])
+    assert 0 <= rows[-1]["miou"] <= 1 and rows[-1]["split"] == "val"
+    groups = [line for line in (Path(summary["run_dir"]) / "train.log").read_text().splitlines() if "param group" in line]
+    assert any("backbone" in g and "lr x0.1," in g for g in groups), groups
