@@ -5,7 +5,6 @@ directory. `--multiple "GLOB"` validates every match and names the best by the e
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import math
@@ -18,7 +17,7 @@ from segjax.engine import mesh as mesh_lib
 from segjax.engine import steps as steps_lib
 from segjax.engine.runlog import setup_console_logging
 from segjax.engine.setup import restore_model
-from segjax.errors import guarded
+from segjax.errors import ArgumentParser, guarded
 from segjax.train import validate_model
 
 
@@ -69,7 +68,7 @@ def comparison_table(results: list[dict]) -> str:
 @guarded
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
-    parser = argparse.ArgumentParser(prog="python -m segjax.evaluate", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m segjax.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?", help="run dir, checkpoints dir or step dir")
     parser.add_argument("--multiple", metavar="GLOB", help="validate every match, e.g. 'runs/roi_human/*'")
     parser.add_argument("--no_visualization", action="store_true", help="skip overlay images")

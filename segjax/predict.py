@@ -49,8 +49,8 @@ from segjax.data.errors import DataError
 from segjax.data.files import IMAGE_SUFFIXES, BadImage, read_rgb
 from segjax.engine import steps as steps_lib
 from segjax.engine.runlog import setup_console_logging
-from segjax.engine.setup import checkpoint_config, restore_model
-from segjax.errors import guarded
+from segjax.engine.setup import checkpoint_config, locate, restore_model
+from segjax.errors import ArgumentParser, guarded
 
 PERSON_CATEGORY = 1  # COCO's person category id in detection results
 ALPHA = 0.5
@@ -201,11 +201,14 @@ def read_detections(path: str, score_threshold: float) -> dict[int | str, np.nda
 
 def list_images(paths: list[str], input_dir: str | None) -> list[tuple[Path, Path]]:
     """(image, output name without suffix): --image by stem, --input_dir by relative path."""
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"--image {missing[0]} does not exist")
     found = [(Path(p), Path(Path(p).stem)) for p in paths]
     if input_dir:
         root = Path(input_dir)
         if not root.is_dir():
-            raise DataError(f"--input_dir {root} is not a directory")
+            raise DataError(f"--input_dir {root} " + ("is not a directory" if root.exists() else "does not exist"))
         found += [(p, p.relative_to(root).with_suffix("")) for p in sorted(root.rglob("*"))
                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")]
     names = [name for _, name in found]
@@ -249,7 +252,7 @@ def save(mask: np.ndarray, overlaid: np.ndarray, palette: np.ndarray, out_dir: P
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m segjax.predict", description=__doc__,
+    parser = ArgumentParser(prog="python -m segjax.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="run dir, checkpoints dir or step dir")
     parser.add_argument("--onnx", help="an exported model (tools/export_onnx.py) to run with onnxruntime")
@@ -299,13 +302,16 @@ def task_options(task, args) -> Callable[[Path], dict]:
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
     args = parse_args(argv)
-    task, runner = (onnx_runner(args.onnx, args.checkpoint, args.provider or ["cpu"]) if args.onnx
-                    else jax_runner(args.checkpoint))
+    images = list_images(args.image, args.input_dir)  # before the model loads: a wrong path fails fast
+    # The checkpoint forms of evaluate and export: run, checkpoint or step dir, a folder of runs, "latest".
+    checkpoint = args.checkpoint and locate(args.checkpoint, args.experiment and
+                                            config_lib.load_experiment(args.experiment).experiment)
+    task, runner = (onnx_runner(args.onnx, checkpoint, args.provider or ["cpu"]) if args.onnx
+                    else jax_runner(checkpoint))
     experiment = Path(task.cfg.experiment).stem
     if args.experiment and Path(args.experiment).stem != experiment:
         raise ConfigError(f"{args.onnx or args.checkpoint} is a model of {experiment!r}, not {args.experiment!r}")
     options = task_options(task, args)
-    images = list_images(args.image, args.input_dir)
     out_dir = Path(args.out_dir)
     palette = task.palette()
     failed, timed = 0, None

@@ -25,7 +25,7 @@ from segjax.engine import preemption, setup
 from segjax.engine import steps as steps_lib
 from segjax.engine.checkpoint import Checkpointer, find_checkpoint_dir, latest_run
 from segjax.engine.runlog import RunLog, setup_console_logging
-from segjax.errors import guarded
+from segjax.errors import ArgumentParser, guarded
 
 log = logging.getLogger("segjax")
 
@@ -34,7 +34,7 @@ log = logging.getLogger("segjax")
 # Command line
 # ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m segjax.train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m segjax.train", description=__doc__.splitlines()[0])
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_OR_CHECKPOINT",
                         help="continue a run exactly; no value = the latest run of this experiment")
     parser.add_argument("--models", nargs="+", metavar="NAME",
@@ -59,9 +59,11 @@ def resolve_config(argv: list[str], *, demo: bool = True) -> tuple[config_lib.Co
     base = config_lib.load_experiment(args.experiment)
     run_root = dict(pairs).get("train.run_root", base.train.run_root)
     path = latest_run(run_root, base.experiment) if args.resume == "latest" else args.resume
-    cfg, ckpt_dir, step = setup.checkpoint_config(path, best=False)
+    ckpt_dir, named_step = find_checkpoint_dir(path, base.experiment)
+    cfg, ckpt_dir, step = setup.checkpoint_config(ckpt_dir if named_step is None else ckpt_dir / str(named_step),
+                                                  best=False)
     # A step named in the path stays in it: resume from that step, not from the latest.
-    resume = ckpt_dir / str(step) if find_checkpoint_dir(path)[1] is not None else ckpt_dir
+    resume = ckpt_dir / str(step) if named_step is not None else ckpt_dir
     return cli.checked(config_lib.apply(cfg, pairs + [("train.resume", str(resume))])), args
 
 
@@ -325,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(config_lib.to_json(cfg))
         return 0
+    cli.check_data_paths(cfg)
     configs = models_to_train(cfg, args)
     for model_cfg in configs:
         try:

@@ -28,12 +28,12 @@ from segjax import cli, tasks
 from segjax import config as config_lib
 from segjax.engine import setup
 from segjax.engine.runlog import setup_console_logging
-from segjax.errors import guarded
+from segjax.errors import ArgumentParser, guarded
 from segjax.export.onnx import OPSET, ExportCheckError, export, format_report
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="run dir, checkpoint dir or step dir, or a folder of runs (see --model)")
     source.add_argument("--init_from", metavar="torch:PATH|hf:DIR",

@@ -17,13 +17,13 @@ import time
 
 from segjax.data import roads, subset
 from segjax.data.errors import SkipReport
-from segjax.errors import guarded
+from segjax.errors import ArgumentParser, guarded
 
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
     # A one-line usage: a command-line mistake reads as two short lines, not a page.
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         usage="%(prog)s --data_root ROOT (--split S | --list FILE) --out_dir OUT [options; see --help]",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     roads.add_data_arguments(parser)

@@ -18,13 +18,13 @@ from pathlib import Path
 from segjax.data import roads
 from segjax.data.errors import DataError, SkipReport
 from segjax.data.prepare import DEFAULT_FRACTIONS, split_pool, write_lists
-from segjax.errors import guarded
+from segjax.errors import ArgumentParser, guarded
 
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
     # A one-line usage: a command-line mistake reads as two short lines, not a page.
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         usage="%(prog)s --data_root ROOT [--split S | --list FILE] [options; see --help]",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     roads.add_data_arguments(parser)
