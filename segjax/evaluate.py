@@ -15,7 +15,7 @@ import jax
 
 from segjax.engine import mesh as mesh_lib
 from segjax.engine import steps as steps_lib
-from segjax.engine.runlog import setup_console_logging
+from segjax.engine.runlog import json_safe, per_class_iou, setup_console_logging
 from segjax.engine.setup import restore_model
 from segjax.errors import ArgumentParser, guarded
 from segjax.train import validate_model
@@ -48,21 +48,26 @@ def expand(pattern: str) -> list[str]:
 
 
 def comparison_table(results: list[dict]) -> str:
+    """The checkpoints (full paths) by the task's shown metrics, the best marked, then every
+    class's IoU per checkpoint (#1, #2, ... as in the first column)."""
     metric, mode = results[0]["best_metric"], results[0]["best_mode"]
     values = [r["metrics"][metric] for r in results]
     finite = [v for v in values if not math.isnan(v)]
     best = (max if mode == "max" else min)(finite) if finite else None
-    columns = [c for c in results[0]["shown_metrics"] if isinstance(results[0]["metrics"].get(c), float)]
-    header = f"{'checkpoint':<60} {'epoch':>5} " + " ".join(f"{c:>14}" for c in columns)
+    columns = [c for c in results[0]["shown_metrics"]
+               if isinstance(results[0]["metrics"].get(c), float) and not c.startswith("iou_")]
+    width = max(len("checkpoint"), *(len(r["checkpoint"]) for r in results))
+    header = f"{'#':>3} {'checkpoint':<{width}} {'epoch':>5} " + " ".join(f"{c:>14}" for c in columns)
     lines = [header, "-" * len(header)]
-    for r, value in zip(results, values):
+    for i, (r, value) in enumerate(zip(results, values), 1):
         mark = " *" if best is not None and value == best else ""
         cells = " ".join(f"{r['metrics'][c]:14.4f}" for c in columns)
-        lines.append(f"{r['checkpoint'][-60:]:<60} {r['epoch']:>5} {cells}{mark}")
+        lines.append(f"{f'#{i}':>3} {r['checkpoint']:<{width}} {r['epoch']:>5} {cells}{mark}")
     if best is not None:
         winner = results[values.index(best)]["checkpoint"]
         lines.append(f"* best by {metric} ({mode}): {winner}")
-    return "\n".join(lines)
+    per_class = per_class_iou([(f"#{i}", r["metrics"]) for i, r in enumerate(results, 1)])
+    return "\n".join(lines + ([""] + per_class if per_class else []))
 
 
 @guarded
@@ -72,10 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", nargs="?", help="run dir, checkpoints dir or step dir")
     parser.add_argument("--multiple", metavar="GLOB", help="validate every match, e.g. 'runs/roi_human/*'")
     parser.add_argument("--no_visualization", action="store_true", help="skip overlay images")
-    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument("--json", action="store_true", help="print results as JSON (strict: NaN as null)")
+    parser.add_argument("--verbose", action="store_true", help="show third-party warnings (orbax/absl, onnxruntime)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a saved config field, e.g. --set data.val_ann=other.json")
     args = parser.parse_args(argv)
+    setup_console_logging(verbose=args.verbose)
     if bool(args.checkpoint) == bool(args.multiple):
         parser.error("give either CHECKPOINT or --multiple GLOB")
     paths = expand(args.multiple) if args.multiple else [args.checkpoint]
@@ -83,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         raise FileNotFoundError(f"no checkpoint matches {args.multiple!r}")
     results = [evaluate_checkpoint(p, visualize=not args.no_visualization, overrides=args.set) for p in paths]
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(json_safe(results), indent=2, allow_nan=False))  # NaN (an absent class) as null
     else:
         print(comparison_table(results))
     return 0

@@ -48,7 +48,7 @@ from segjax.config import ConfigError
 from segjax.data.errors import DataError
 from segjax.data.files import IMAGE_SUFFIXES, BadImage, read_rgb
 from segjax.engine import steps as steps_lib
-from segjax.engine.runlog import setup_console_logging
+from segjax.engine.runlog import quiet_onnxruntime, setup_console_logging
 from segjax.engine.setup import checkpoint_config, locate, restore_model
 from segjax.errors import ArgumentParser, guarded
 
@@ -125,7 +125,6 @@ def jax_runner(checkpoint: str):
 def onnx_runner(path: str, checkpoint: str | None, providers: list[str]):
     """(task, Runner) of an exported model; the task from `checkpoint`'s config, else the file's."""
     from segjax.export.runtime import make_session, read_metadata
-
     try:
         session = make_session(path, prefer=providers)
     except ValueError as e:
@@ -266,6 +265,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="roi_human: a person box in image pixels, for every image (repeatable)")
     parser.add_argument("--detections", help="roi_human: COCO detection-results JSON with the person boxes")
     parser.add_argument("--score_threshold", type=float, default=0.5, help="--detections: minimum score")
+    parser.add_argument("--verbose", action="store_true", help="show third-party warnings (orbax/absl, onnxruntime)")
     parser.add_argument("--timing", action="store_true", help="print median times of each model part")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per part with --timing")
     args = parser.parse_args(argv)
@@ -302,6 +302,9 @@ def task_options(task, args) -> Callable[[Path], dict]:
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
     args = parse_args(argv)
+    setup_console_logging(verbose=args.verbose)
+    if args.onnx:
+        quiet_onnxruntime(args.verbose)
     images = list_images(args.image, args.input_dir)  # before the model loads: a wrong path fails fast
     # The checkpoint forms of evaluate and export: run, checkpoint or step dir, a folder of runs, "latest".
     checkpoint = args.checkpoint and locate(args.checkpoint, args.experiment and

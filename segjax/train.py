@@ -24,7 +24,7 @@ from segjax.engine import mesh as mesh_lib
 from segjax.engine import preemption, setup
 from segjax.engine import steps as steps_lib
 from segjax.engine.checkpoint import Checkpointer, find_checkpoint_dir, latest_run
-from segjax.engine.runlog import RunLog, setup_console_logging
+from segjax.engine.runlog import RunLog, per_class_iou, setup_console_logging
 from segjax.errors import ArgumentParser, guarded
 
 log = logging.getLogger("segjax")
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", metavar="NAME",
                         help="train these models one after the other (model.name; default: the experiment's)")
     parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--verbose", action="store_true", help="show third-party warnings (orbax/absl, onnxruntime)")
     group = parser.add_argument_group("multi-host (see README)")
     group.add_argument("--coordinator_address", help="host:port of process 0; omit to auto-detect SLURM/MPI")
     group.add_argument("--num_processes", type=int)
@@ -322,6 +323,7 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
     cfg, args = resolve_config(argv)
+    setup_console_logging(verbose=args.verbose)
     mesh_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                     args.heartbeat_timeout)
     if args.print_config:
@@ -342,11 +344,14 @@ def main(argv: list[str] | None = None) -> int:
 def _print_summary(summary: dict, title: str) -> None:
     first, last = summary["first_val"], summary["last_val"]
     if last:
-        keys = [k for k in summary["shown_metrics"] if isinstance(last.get(k), float)]
+        keys = [k for k in summary["shown_metrics"] if isinstance(last.get(k), float) and not k.startswith("iou_")]
         print(f"\nvalidation{title}\n{'':8}" + " ".join(f"{k:>16}" for k in keys))
         if first is not last and first is not None:
             print(f"{'first':8}" + " ".join(f"{first[k]:16.4f}" for k in keys))
         print(f"{'final':8}" + " ".join(f"{last[k]:16.4f}" for k in keys))
+        per_class = per_class_iou([("final", last)])
+        if per_class:
+            print("\n" + "\n".join(per_class))
     print(f"run directory: {summary['run_dir']}")
 
 
