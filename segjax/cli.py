@@ -73,6 +73,15 @@ def check_data_paths(cfg: config_lib.Config) -> None:
             raise FileNotFoundError(f"{name} {path} does not exist")
 
 
+def demo_notice(cfg: config_lib.Config) -> str:
+    """What a run on the demo data says first and last: no data were given, so it is no real run."""
+    flag_of = {key: flag for flag, key in config_lib.flags(cfg).items()}
+    given = " / ".join(f"--{flag_of.get(f'data.{key}', f'set data.{key}=')}"
+                       for key in tasks.task_class(cfg.task).data_keys)
+    return (f"DEMO RUN: no data given ({given}), so this runs on segjax's generated demo data, not yours "
+            "(saved as demo: true in its config.json)")
+
+
 def experiment_config(args: argparse.Namespace, *, demo: bool = True, **variant) -> config_lib.Config:
     """The config the command line asks for: the experiment's variant (`--mode`; its demo variant
     when `demo` and no data were given), then flags and --set, validated. `variant` adds keyword

@@ -113,6 +113,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    # The experiment's demo variant on generated demo data (no data paths were given): saved with
+    # the run, so that a demo run cannot pass for one on real data.
+    demo: bool = False
 
 
 def _experiments_package() -> types.ModuleType:
@@ -181,13 +184,13 @@ def load_experiment(name: str, **variant) -> Config:
     its keyword arguments (see `experiment_variants`); those it does not take are left out.
 
     A file's config records the file's absolute path as its experiment, so a saved run can be
-    rebuilt from its checkpoint alone.
+    rebuilt from its checkpoint alone; the demo variant's (`demo=True`) records `demo`.
     """
     known = experiment_variants(name)
     cfg = experiment_module(name).get_config(**{k: v for k, v in variant.items() if k in known})
     if name.endswith(".py"):
         cfg = dataclasses.replace(cfg, experiment=str(Path(name).resolve()))
-    return cfg
+    return dataclasses.replace(cfg, demo=True) if variant.get("demo") else cfg
 
 
 def _split_commas(text: str) -> list[str]:

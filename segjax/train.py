@@ -330,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         print(config_lib.to_json(cfg))
         return 0
     cli.check_data_paths(cfg)
+    if cfg.demo:
+        log.warning(cli.demo_notice(cfg))
     configs = models_to_train(cfg, args)
     for model_cfg in configs:
         try:
@@ -338,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"preempted: {e}", file=sys.stderr)
             return preemption.EXIT_PREEMPTED
         _print_summary(summary, title=f" ({model_cfg.model.name})" if len(configs) > 1 else "")
+    if cfg.demo:
+        print(cli.demo_notice(cfg))
     return 0
 
 

@@ -1,5 +1,6 @@
 """Experiment lookup, `a.b=value` overrides, CLI aliases and demo overrides, validation and the
 saved-config round trip. Nothing here trains: the command line stops at the resolved config."""
+import dataclasses
 import itertools
 import json
 import shutil
@@ -165,7 +166,7 @@ def test_override_parses_by_type(base, key, text, expected):
     ("optim.optimizer", "lion", r"optim.optimizer='lion' is not valid; choose one of \['adamw', 'adam', 'sgd'\]"),
     ("optim.scheduler", "linear", r"choose one of \['cosine', 'step', 'exponential', 'none'\]"),
     ("nope.x", "1", r"unknown config key 'nope' in 'nope.x'; valid keys here: "
-                    r"\['experiment', 'task', 'data', 'model', 'loss', 'optim', 'train', 'mesh'\]"),
+                    r"\['experiment', 'task', 'data', 'model', 'loss', 'optim', 'train', 'mesh', 'demo'\]"),
     ("train.epochz", "3", r"unknown config key 'epochz' in 'train.epochz'; valid keys here: \[.*'epochs'.*\]"),
     ("data.image_sise", "3", r"'data.image_sise'; valid keys here: \[.*'image_size'.*\]"),
     ("train", "3", r"'train' is a section; set one of its fields: \['epochs', 'batch_size'"),
@@ -204,7 +205,9 @@ def test_aliases_and_set_land_on_their_fields():
 
 def test_demo_overrides_apply_without_data_and_flags_win():
     cfg, _ = resolve_config(["--experiment", "roi_human"])
-    assert cfg == roi_human.get_config(demo=True) == load_experiment("roi_human", demo=True)
+    assert cfg == load_experiment("roi_human", demo=True) == dataclasses.replace(roi_human.get_config(demo=True),
+                                                                                demo=True)
+    assert cfg.demo and not resolve_config(["--experiment", "roi_human", *DATA_FLAGS])[0].demo
     assert cfg.data.image_size == 128 and cfg.train.epochs != load_experiment("roi_human").train.epochs
 
     cfg, _ = resolve_config(["--experiment", "roi_human", "--epochs", "2", "--set", "data.image_size=96",
