@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -19,6 +20,8 @@ from segjax.engine.runlog import json_safe, per_class_iou, setup_console_logging
 from segjax.engine.setup import restore_model
 from segjax.errors import ArgumentParser, guarded
 from segjax.train import validate_model
+
+log = logging.getLogger("segjax")
 
 
 def evaluate_checkpoint(path: str | Path, *, visualize: bool = True, overrides: list[str] = ()) -> dict:
@@ -35,10 +38,13 @@ def evaluate_checkpoint(path: str | Path, *, visualize: bool = True, overrides: 
             outputs = mesh_lib.to_local(outputs, mesh)
             task.visualize(batch, outputs, out_dir, f"step{step}", cfg.train.num_visualizations)
 
+    if cfg.demo:
+        log.warning("%s was trained on segjax's generated demo data (its run was given no data)",
+                    ckpt_dir / str(step))
     metrics = validate_model(task, eval_step, restored.state, mesh, cfg, on_first_batch=draw)
     return {"checkpoint": str(ckpt_dir / str(step)), "epoch": restored.meta["epoch"], "step": step,
             "best_metric": task.best_metric, "best_mode": task.best_mode, "shown_metrics": list(task.shown_metrics),
-            "metrics": metrics}
+            "demo": cfg.demo, "metrics": metrics}
 
 
 def expand(pattern: str) -> list[str]:
@@ -62,7 +68,8 @@ def comparison_table(results: list[dict]) -> str:
     for i, (r, value) in enumerate(zip(results, values), 1):
         mark = " *" if best is not None and value == best else ""
         cells = " ".join(f"{r['metrics'][c]:14.4f}" for c in columns)
-        lines.append(f"{f'#{i}':>3} {r['checkpoint']:<{width}} {r['epoch']:>5} {cells}{mark}")
+        lines.append(f"{f'#{i}':>3} {r['checkpoint']:<{width}} {r['epoch']:>5} {cells}{mark}"
+                     + (" (demo data)" if r.get("demo") else ""))
     if best is not None:
         winner = results[values.index(best)]["checkpoint"]
         lines.append(f"* best by {metric} ({mode}): {winner}")

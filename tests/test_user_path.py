@@ -96,7 +96,7 @@ def test_comma_class_names_survive_resume_evaluate_predict_and_onnx(demo_run, tm
     assert [k[4:] for k in metrics if k.startswith("iou_")] == NAMES
     assert None in [metrics[f"iou_{name}"] for name in NAMES]  # the demo draws a few classes only
     step_dir = str(run_dir / "checkpoints" / str(summary["best_step"]))
-    assert results[0]["checkpoint"] == step_dir
+    assert results[0]["checkpoint"] == step_dir and results[0]["demo"] is True
 
     # The table: the full checkpoint path, every class's IoU; --verbose shows the third-party warnings.
     caplog.clear()
@@ -104,7 +104,7 @@ def test_comma_class_names_survive_resume_evaluate_predict_and_onnx(demo_run, tm
         assert evaluate.main([str(run_dir), "--no_visualization", "--verbose"]) == 0
     assert any("read only" in r.getMessage() for r in caplog.records if r.name == "absl")
     table = capsys.readouterr().out
-    assert f" {step_dir} " in table and "IoU per class" in table
+    assert f" {step_dir} " in table and "(demo data)" in table and "IoU per class" in table
     assert all(re.search(rf"^{re.escape(name)}\s+(\d\.\d{{4}}|absent)$", table, re.M) for name in NAMES), table
 
     # Prediction from a folder of runs (the form export always took).

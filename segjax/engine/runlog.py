@@ -25,16 +25,19 @@ class _Console(logging.Handler):
             self.handleError(record)
 
 
-def setup_console_logging(level: int = logging.INFO, *, verbose: bool = False) -> None:
+def setup_console_logging(level: int = logging.INFO, *, verbose: bool | None = None) -> None:
     """segjax's log lines on the console. Third-party chatter (orbax's absl warnings about read-only
-    checkpoint directories) is shown with `verbose` only; see also `quiet_onnxruntime`."""
+    checkpoint directories) is shown with `verbose` only (None: as an earlier call set it, else
+    hidden); see also `quiet_onnxruntime`."""
     if not log.handlers:
         handler = _Console()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.setLevel(level)
         log.propagate = False
-    logging.getLogger("absl").setLevel(logging.INFO if verbose else logging.ERROR)
+    absl = logging.getLogger("absl")
+    if verbose is not None or absl.level == logging.NOTSET:
+        absl.setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def quiet_onnxruntime(verbose: bool = False) -> None:
