@@ -211,3 +211,31 @@ def test_the_tools_refuse_to_overwrite_the_demo(name, extra, tmp_path, capsys):
     err = [line for line in out.err.strip().splitlines() if not line.startswith("reading labels")]
     assert len(err) == 1 and "inside segjax's demo data" in err[0] and "give --out_dir elsewhere" in err[0], err
     assert not (tmp_path / "splits").exists() and not (tmp_path / "subset").exists()
+
+
+UNUSED_INITIALIZER = """
+import sys
+
+import numpy as np
+import onnxruntime
+from onnx import TensorProto, helper, numpy_helper
+
+from segjax.engine.runlog import quiet_onnxruntime
+
+quiet_onnxruntime(verbose=sys.argv[1] == "verbose")
+io = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in ("x", "y")]
+graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", io[:1], io[1:],
+                          initializer=[numpy_helper.from_array(np.zeros(1, np.float32), "unused")])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+"""
+
+
+@pytest.mark.parametrize("mode", ["quiet", "verbose"])
+def test_onnxruntime_graph_warnings_only_with_verbose(mode):
+    """onnxruntime's "Removing initializer" warnings (printed by its C++ logger on every Mask2Former
+    session) are hidden by default (export_onnx, predict --onnx) and shown with --verbose."""
+    proc = subprocess.run([sys.executable, "-c", UNUSED_INITIALIZER, mode], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert ("Removing initializer 'unused'" in proc.stderr) == (mode == "verbose"), proc.stderr
