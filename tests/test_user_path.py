@@ -73,7 +73,7 @@ def test_train_summary_lists_every_class_iou(demo_run):
     assert all(re.fullmatch(r"\s+(\d\.\d{4}|absent)", row[len(name):]) for row, name in zip(rows, NAMES)), rows
 
 
-def test_comma_class_names_survive_resume_evaluate_predict_and_onnx(demo_run, tmp_path, monkeypatch, capsys,
+def test_comma_class_names_survive_resume_evaluate_and_predict(demo_run, tmp_path, monkeypatch, capsys,
                                                                      caplog):
     run_dir = demo_run["run_dir"]
     assert json.loads((run_dir / "config.json").read_text())["data"]["class_names"] == NAMES
