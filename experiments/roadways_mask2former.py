@@ -21,7 +21,7 @@ set `--epochs` to 90000 × 16 / your image count for another set.
 """
 from typing import Literal
 
-from segjax.config import Config, EvalConfig, OptimConfig, TrainConfig, updated
+from segjax.config import Config, OptimConfig, TrainConfig, updated
 from segjax.data.demo import default_demo_root
 from segjax.tasks.query_semantic import DEMO_PRETRAINED, Mask2FormerLossConfig, Mask2FormerModelConfig, RoadDataConfig
 
@@ -40,7 +40,8 @@ def get_config(mode: Literal["train", "test", "paper"] = "train", demo: bool = F
         # a random start has nothing worth freezing, so every part trains.
         cfg = updated(cfg, data=dict(crop=(128, 128), base_height=128, scale_min=0.75, scale_max=1.5,
                                      eval_size=(128, 256)),
-                      model=dict(train_parts=("backbone", "pixel_decoder", "transformer")),
+                      # size: the architecture of the demo's "pretrained" directory (its hf_config).
+                      model=dict(size="tiny", train_parts=("backbone", "pixel_decoder", "transformer")),
                       loss=dict(num_points=1024), optim=dict(lr=1e-3),
                       train=dict(epochs=20, batch_size=8, num_workers=0, eval_at_start=True,
                                  init_from=f"hf:{default_demo_root() / 'roads' / DEMO_PRETRAINED}"))

@@ -10,9 +10,11 @@ import argparse
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 
 from segjax import config as config_lib
 from segjax import tasks
+from segjax.errors import ArgumentParser
 
 
 def _flag_type(cfg, key: str) -> dict:
@@ -29,7 +31,7 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, flags:
     per variant of `get_config` (`--mode`) and, with `flags`, the config's field flags. `--help`
     lists them once `--experiment` is given."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ArgumentParser(add_help=False)
     pre.add_argument("--experiment")
     name = pre.parse_known_args(argv)[0].experiment
     parser.add_argument("--experiment", required=True,
@@ -58,6 +60,26 @@ def overrides(args: argparse.Namespace) -> list[tuple[str, str]]:
 def checked(cfg: config_lib.Config) -> config_lib.Config:
     tasks.task_class(cfg.task).check(cfg)
     return config_lib.validate(cfg)
+
+
+def check_data_paths(cfg: config_lib.Config) -> None:
+    """A data path (the task's `data_keys`) that does not exist is named in one line (before the data
+    are opened, whose errors are about their layout)."""
+    flag_of = {key: flag for flag, key in config_lib.flags(cfg).items()}
+    for key in tasks.task_class(cfg.task).data_keys:
+        path = getattr(cfg.data, key)
+        if path and not Path(path).exists():
+            name = f"--{flag_of[f'data.{key}']}" if f"data.{key}" in flag_of else f"data.{key}"
+            raise FileNotFoundError(f"{name} {path} does not exist")
+
+
+def demo_notice(cfg: config_lib.Config) -> str:
+    """What a run on the demo data says first and last: no data were given, so it is no real run."""
+    flag_of = {key: flag for flag, key in config_lib.flags(cfg).items()}
+    given = " / ".join(f"--{flag_of.get(f'data.{key}', f'set data.{key}=')}"
+                       for key in tasks.task_class(cfg.task).data_keys)
+    return (f"DEMO RUN: no data given ({given}), so this runs on segjax's generated demo data, not yours "
+            "(saved as demo: true in its config.json)")
 
 
 def experiment_config(args: argparse.Namespace, *, demo: bool = True, **variant) -> config_lib.Config:

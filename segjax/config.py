@@ -9,6 +9,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import re
 import sys
@@ -141,6 +142,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # The experiment's demo variant on generated demo data (no data paths were given): saved with
+    # the run, so that a demo run cannot pass for one on real data.
+    demo: bool = False
 
 
 def _experiments_package() -> types.ModuleType:
@@ -209,13 +213,32 @@ def load_experiment(name: str, **variant) -> Config:
     its keyword arguments (see `experiment_variants`); those it does not take are left out.
 
     A file's config records the file's absolute path as its experiment, so a saved run can be
-    rebuilt from its checkpoint alone.
+    rebuilt from its checkpoint alone; the demo variant's (`demo=True`) records `demo`.
     """
     known = experiment_variants(name)
     cfg = experiment_module(name).get_config(**{k: v for k, v in variant.items() if k in known})
     if name.endswith(".py"):
         cfg = dataclasses.replace(cfg, experiment=str(Path(name).resolve()))
-    return cfg
+    return dataclasses.replace(cfg, demo=True) if variant.get("demo") else cfg
+
+
+def _split_commas(text: str) -> list[str]:
+    """`text` split at its commas, except those inside a regex quantifier `{m,n}` (escaped braces
+    `\\{` do not count)."""
+    parts, start, depth, i = [], 0, 0, 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 1  # the escaped character is skipped
+        elif char == "{":
+            depth += 1
+        elif char == "}":
+            depth = max(depth - 1, 0)
+        elif char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    return parts + [text[start:]]
 
 
 def _parse_value(text: str, annotation: Any, key: str) -> Any:
@@ -233,9 +256,15 @@ def _parse_value(text: str, annotation: Any, key: str) -> Any:
     if origin is tuple:
         (item_type, *_) = typing.get_args(annotation)
         text = text.strip()
+        if text.startswith("["):  # JSON list: items may hold commas, e.g. '["wall, building", "sky"]'
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{key}={text!r} is not a JSON list ({e})") from None
+            return _typed(items, annotation, key)
         if text.startswith("(") and text.endswith(")"):  # only the outer pair: a regex keeps its groups
             text = text[1:-1]
-        parts = [p for p in text.split(",") if p.strip()]
+        parts = [p for p in _split_commas(text) if p.strip()]
         return tuple(_parse_value(p.strip(), item_type, key) for p in parts)
     try:
         if annotation is bool:
@@ -381,6 +410,7 @@ def validate(cfg: Config) -> Config:
 
 
 def to_dict(cfg: Config) -> dict:
+    """The config as typed JSON values (tuples become lists); `from_dict` rebuilds it exactly."""
     return dataclasses.asdict(cfg)
 
 
@@ -394,18 +424,77 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
-    return "" if value is None else str(value)
+def _typed(value: Any, annotation: Any, key: str) -> Any:
+    """A saved (JSON) value as the field's type, checked: no text is re-parsed, so a class name
+    with a comma or a regex with braces stays one item."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(args)}")
+        return value
+    if origin in (types.UnionType, typing.Union):  # Optional[...]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        for i, option in enumerate(inner):
+            try:
+                return _typed(value, option, key)
+            except ConfigError:
+                if i == len(inner) - 1:
+                    raise
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} is not a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_typed(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}={value!r} needs {len(args)} items")
+        return tuple(_typed(v, a, key) for v, a in zip(value, args))
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}.get(annotation)
+    if ok is None:
+        raise ConfigError(f"{key} has type {annotation}, which a saved config cannot hold")
+    if not ok(value):
+        raise ConfigError(f"{key}={value!r} is not a valid {annotation.__name__}")
+    return float(value) if annotation is float else value
+
+
+def _rebuild(section: Any, saved: dict, prefix: str, unknown: list[str]) -> Any:
+    """`section` (a dataclass holding the defaults) with the saved values of its fields; keys it
+    has no field for go to `unknown`, fields the saved dict lacks keep their defaults."""
+    hints, fields = _field_types(section), {f.name for f in dataclasses.fields(section)}
+    values = {}
+    for name, value in saved.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            unknown.append(key)
+            continue
+        current = getattr(section, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} is a section; the saved config holds {value!r}")
+            values[name] = _rebuild(current, value, f"{key}.", unknown)
+        else:
+            values[name] = _typed(value, hints[name], key)
+    return dataclasses.replace(section, **values)
 
 
 def from_dict(saved: dict) -> Config:
-    """Rebuilds a saved config: the experiment's defaults with every saved value re-applied."""
-    cfg = load_experiment(saved["experiment"])
-    for key, value in flatten({k: v for k, v in saved.items() if k not in ("experiment", "task")}).items():
-        if has_path(cfg, key):
-            cfg = override(cfg, key, _text(value))
+    """Rebuilds a saved config from its typed values (the experiment's classes give the types).
+
+    A key this version has no field for is logged as a warning by name and ignored: a run saved
+    by a newer segjax still evaluates, predicts and exports here, and the warning says what was
+    dropped. A key the saved config lacks (saved before it existed) keeps its default.
+    """
+    unknown: list[str] = []
+    cfg = _rebuild(load_experiment(saved["experiment"]), saved, "", unknown)
+    if unknown:
+        logging.getLogger("segjax").warning("the saved config has keys this segjax version does not know, "
+                                            "ignored: %s", ", ".join(unknown))
     return cfg
 
 

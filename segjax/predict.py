@@ -54,9 +54,9 @@ from segjax.data.files import IMAGE_SUFFIXES, BadImage, read_rgb
 from segjax.engine import steps as steps_lib
 from segjax.engine.evaluation import CropScorer, score_fn, task_protocol
 from segjax.engine.inference import images_nchw, segment, uses_protocol
-from segjax.engine.runlog import setup_console_logging
-from segjax.engine.setup import checkpoint_config, restore_model
-from segjax.errors import guarded
+from segjax.engine.runlog import quiet_onnxruntime, setup_console_logging
+from segjax.engine.setup import checkpoint_config, locate, restore_model
+from segjax.errors import ArgumentParser, guarded
 
 PERSON_CATEGORY = 1  # COCO's person category id in detection results
 ALPHA = 0.5
@@ -134,7 +134,6 @@ def onnx_runner(path: str, checkpoint: str | None, providers: list[str], overrid
     """(task, Runner) of an exported model; the task from `checkpoint`'s config, else the file's,
     with `overrides` (--set's)."""
     from segjax.export.runtime import make_session, read_metadata
-
     try:
         session = make_session(path, prefer=providers)
     except ValueError as e:
@@ -216,11 +215,14 @@ def read_detections(path: str, score_threshold: float) -> dict[int | str, np.nda
 
 def list_images(paths: list[str], input_dir: str | None) -> list[tuple[Path, Path]]:
     """(image, output name without suffix): --image by stem, --input_dir by relative path."""
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"--image {missing[0]} does not exist")
     found = [(Path(p), Path(Path(p).stem)) for p in paths]
     if input_dir:
         root = Path(input_dir)
         if not root.is_dir():
-            raise DataError(f"--input_dir {root} is not a directory")
+            raise DataError(f"--input_dir {root} " + ("is not a directory" if root.exists() else "does not exist"))
         found += [(p, p.relative_to(root).with_suffix("")) for p in sorted(root.rglob("*"))
                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")]
     names = [name for _, name in found]
@@ -264,7 +266,7 @@ def save(mask: np.ndarray, overlaid: np.ndarray, palette: np.ndarray, out_dir: P
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m segjax.predict", description=__doc__,
+    parser = ArgumentParser(prog="python -m segjax.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="run dir, checkpoints dir or step dir")
     parser.add_argument("--onnx", help="an exported model (tools/export_onnx.py) to run with onnxruntime")
@@ -278,6 +280,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="roi_human: a person box in image pixels, for every image (repeatable)")
     parser.add_argument("--detections", help="roi_human: COCO detection-results JSON with the person boxes")
     parser.add_argument("--score_threshold", type=float, default=0.5, help="--detections: minimum score")
+    parser.add_argument("--verbose", action="store_true", help="show third-party warnings (orbax/absl, onnxruntime)")
     parser.add_argument("--timing", action="store_true", help="print median times of each model part")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per part with --timing")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -316,8 +319,15 @@ def task_options(task, args) -> Callable[[Path], dict]:
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
     args = parse_args(argv)
-    task, runner = (onnx_runner(args.onnx, args.checkpoint, args.provider or ["cpu"], args.set) if args.onnx
-                    else jax_runner(args.checkpoint, args.set))
+    setup_console_logging(verbose=args.verbose)
+    if args.onnx:
+        quiet_onnxruntime(args.verbose)
+    images = list_images(args.image, args.input_dir)  # before the model loads: a wrong path fails fast
+    # The checkpoint forms of evaluate and export: run, checkpoint or step dir, a folder of runs, "latest".
+    checkpoint = args.checkpoint and locate(args.checkpoint, args.experiment and
+                                            config_lib.load_experiment(args.experiment).experiment)
+    task, runner = (onnx_runner(args.onnx, checkpoint, args.provider or ["cpu"], args.set) if args.onnx
+                    else jax_runner(checkpoint, args.set))
     experiment = Path(task.cfg.experiment).stem
     if args.experiment and Path(args.experiment).stem != experiment:
         raise ConfigError(f"{args.onnx or args.checkpoint} is a model of {experiment!r}, not {args.experiment!r}")
@@ -327,7 +337,6 @@ def main(argv: list[str] | None = None) -> int:
         protocol = task_protocol(task, fixed_size=runner.fixed_size)
         if args.timing:
             raise ConfigError("--timing times the fixed-size forward; leave eval.* at its defaults")
-    images = list_images(args.image, args.input_dir)
     out_dir = Path(args.out_dir)
     palette = task.palette()
     failed, timed = 0, None

@@ -26,8 +26,8 @@ from segjax.engine import preemption, setup
 from segjax.engine import steps as steps_lib
 from segjax.engine.checkpoint import Checkpointer, find_checkpoint_dir, latest_run
 from segjax.engine.evaluation import make_evaluator, validate_model
-from segjax.engine.runlog import RunLog, setup_console_logging
-from segjax.errors import guarded
+from segjax.engine.runlog import RunLog, per_class_iou, setup_console_logging
+from segjax.errors import ArgumentParser, guarded
 
 log = logging.getLogger("segjax")
 
@@ -36,12 +36,13 @@ log = logging.getLogger("segjax")
 # Command line
 # ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m segjax.train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m segjax.train", description=__doc__.splitlines()[0])
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_OR_CHECKPOINT",
                         help="continue a run exactly; no value = the latest run of this experiment")
     parser.add_argument("--models", nargs="+", metavar="NAME",
                         help="train these models one after the other (model.name; default: the experiment's)")
     parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--verbose", action="store_true", help="show third-party warnings (orbax/absl, onnxruntime)")
     group = parser.add_argument_group("multi-host (see README)")
     group.add_argument("--coordinator_address", help="host:port of process 0; omit to auto-detect SLURM/MPI")
     group.add_argument("--num_processes", type=int)
@@ -61,9 +62,11 @@ def resolve_config(argv: list[str], *, demo: bool = True) -> tuple[config_lib.Co
     base = config_lib.load_experiment(args.experiment)
     run_root = dict(pairs).get("train.run_root", base.train.run_root)
     path = latest_run(run_root, base.experiment) if args.resume == "latest" else args.resume
-    cfg, ckpt_dir, step = setup.checkpoint_config(path, best=False)
+    ckpt_dir, named_step = find_checkpoint_dir(path, base.experiment)
+    cfg, ckpt_dir, step = setup.checkpoint_config(ckpt_dir if named_step is None else ckpt_dir / str(named_step),
+                                                  best=False)
     # A step named in the path stays in it: resume from that step, not from the latest.
-    resume = ckpt_dir / str(step) if find_checkpoint_dir(path)[1] is not None else ckpt_dir
+    resume = ckpt_dir / str(step) if named_step is not None else ckpt_dir
     return cli.checked(config_lib.apply(cfg, pairs + [("train.resume", str(resume))])), args
 
 
@@ -301,11 +304,15 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
     cfg, args = resolve_config(argv)
+    setup_console_logging(verbose=args.verbose)
     mesh_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                     args.heartbeat_timeout)
     if args.print_config:
         print(config_lib.to_json(cfg))
         return 0
+    cli.check_data_paths(cfg)
+    if cfg.demo:
+        log.warning(cli.demo_notice(cfg))
     configs = models_to_train(cfg, args)
     for model_cfg in configs:
         try:
@@ -314,17 +321,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"preempted: {e}", file=sys.stderr)
             return preemption.EXIT_PREEMPTED
         _print_summary(summary, title=f" ({model_cfg.model.name})" if len(configs) > 1 else "")
+    if cfg.demo:
+        print(cli.demo_notice(cfg))
     return 0
 
 
 def _print_summary(summary: dict, title: str) -> None:
     first, last = summary["first_val"], summary["last_val"]
     if last:
-        keys = [k for k in summary["shown_metrics"] if isinstance(last.get(k), float)]
+        keys = [k for k in summary["shown_metrics"] if isinstance(last.get(k), float) and not k.startswith("iou_")]
         print(f"\nvalidation{title}\n{'':8}" + " ".join(f"{k:>16}" for k in keys))
         if first is not last and first is not None:
             print(f"{'first':8}" + " ".join(f"{first[k]:16.4f}" for k in keys))
         print(f"{'final':8}" + " ".join(f"{last[k]:16.4f}" for k in keys))
+        per_class = per_class_iou([("final", last)])
+        if per_class:
+            print("\n" + "\n".join(per_class))
     print(f"run directory: {summary['run_dir']}")
 
 

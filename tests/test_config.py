@@ -1,5 +1,7 @@
 """Experiment lookup, `a.b=value` overrides, CLI aliases and demo overrides, validation and the
 saved-config round trip. Nothing here trains: the command line stops at the resolved config."""
+import dataclasses
+import itertools
 import json
 import shutil
 import subprocess
@@ -164,7 +166,7 @@ def test_override_parses_by_type(base, key, text, expected):
     ("optim.optimizer", "lion", r"optim.optimizer='lion' is not valid; choose one of \['adamw', 'adam', 'sgd'\]"),
     ("optim.scheduler", "linear", r"choose one of \['cosine', 'step', 'exponential', 'poly', 'none'\]"),
     ("nope.x", "1", r"unknown config key 'nope' in 'nope.x'; valid keys here: "
-                    r"\['experiment', 'task', 'data', 'model', 'loss', 'optim', 'train', 'mesh', 'eval'\]"),
+                    r"\['experiment', 'task', 'data', 'model', 'loss', 'optim', 'train', 'mesh', 'eval', 'demo'\]"),
     ("train.epochz", "3", r"unknown config key 'epochz' in 'train.epochz'; valid keys here: \[.*'epochs'.*\]"),
     ("data.image_sise", "3", r"'data.image_sise'; valid keys here: \[.*'image_size'.*\]"),
     ("train", "3", r"'train' is a section; set one of its fields: \['epochs', 'batch_size'"),
@@ -203,7 +205,9 @@ def test_aliases_and_set_land_on_their_fields():
 
 def test_demo_overrides_apply_without_data_and_flags_win():
     cfg, _ = resolve_config(["--experiment", "roi_human"])
-    assert cfg == roi_human.get_config(demo=True) == load_experiment("roi_human", demo=True)
+    assert cfg == load_experiment("roi_human", demo=True) == dataclasses.replace(roi_human.get_config(demo=True),
+                                                                                demo=True)
+    assert cfg.demo and not resolve_config(["--experiment", "roi_human", *DATA_FLAGS])[0].demo
     assert cfg.data.image_size == 128 and cfg.train.epochs != load_experiment("roi_human").train.epochs
 
     cfg, _ = resolve_config(["--experiment", "roi_human", "--epochs", "2", "--set", "data.image_size=96",
@@ -321,3 +325,55 @@ def test_round_trip(base):
 def test_save_writes_the_json(base, tmp_path):
     config_lib.save(base, tmp_path / "config.json")
     assert from_dict(json.loads((tmp_path / "config.json").read_text())) == base
+
+
+def _all_variants():
+    for name in config_lib.builtin_experiments():
+        variants = config_lib.experiment_variants(name)
+        for combo in itertools.product(*variants.values()):
+            yield name, dict(zip(variants, combo))
+
+
+@pytest.mark.parametrize("name, variant", list(_all_variants()), ids=lambda v: str(v))
+def test_every_experiment_variant_round_trips(name, variant):
+    cfg = load_experiment(name, **variant)
+    assert from_dict(json.loads(config_lib.to_json(cfg))) == cfg
+
+
+def test_round_trip_keeps_commas_and_braces_in_items():
+    cfg = load_experiment("coco_semantic")
+    names = ("background", "wall, building, edifice", "sky")
+    cfg = override(cfg, "data.class_names", json.dumps(names))  # JSON list: items may hold commas
+    cfg = override(cfg, "mesh.sharding", r"stages/\d{1,2}/.*=fsdp,.*=replicate")  # the comma form still splits
+    cfg = override(cfg, "train.remat", r'["blocks/\\d{1,2}", "(a|b){2,}"]')
+    assert cfg.data.class_names == names
+    assert cfg.mesh.sharding == (r"stages/\d{1,2}/.*=fsdp", ".*=replicate")
+    assert cfg.train.remat == (r"blocks/\d{1,2}", "(a|b){2,}")
+    validate(cfg)
+    assert from_dict(json.loads(config_lib.to_json(cfg))) == cfg
+
+
+def test_from_dict_checks_types_and_names_unknown_keys(base, caplog):
+    saved = json.loads(config_lib.to_json(base))
+    saved["train"]["epochz"], saved["newer_section"] = 3, {"x": 1}
+    del saved["optim"]["gamma"]  # saved before the field existed: its default
+    with caplog.at_level("WARNING", logger="segjax"):
+        assert from_dict(saved) == base
+    assert "train.epochz, newer_section" in caplog.text
+    for key, value, message in [("epochs", "3", r"train.epochs='3' is not a valid int"),
+                                ("epochs", True, "is not a valid int"),
+                                ("precision", "fp16", r"choose one of \['fp32', 'bf16'\]"),
+                                ("remat", "a,b", r"train.remat='a,b' is not a list")]:
+        bad = json.loads(config_lib.to_json(base))
+        bad["train"][key] = value
+        with pytest.raises(ConfigError, match=message):
+            from_dict(bad)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('["a", 1]', r"data.class_names=1 is not a valid str"),
+    ('["a",', r"is not a JSON list"),
+])
+def test_set_json_list_is_checked(text, message):
+    with pytest.raises(ConfigError, match=message):
+        override(load_experiment("coco_semantic"), "data.class_names", text)

@@ -3,7 +3,11 @@ prediction work from a run directory alone), and a user's mistake is one line on
 import contextlib
 import io
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -11,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import ROI_TINY, load_tool
+from helpers import ROI_TINY, ROOT, load_tool
 from PIL import Image
 
 from segjax import evaluate, predict, tasks, train
@@ -97,6 +101,9 @@ def test_export_restore_and_predict_after_the_training_data_is_deleted(tmp_path,
     assert "give --boxes or --detections" in err[-2] and "is a JSON list" in err[-1], err
 
 
+LOG_LINE = re.compile(r"\d\d:\d\d:\d\d (INFO|WARNING) ")  # the console log's lines (segjax.engine.runlog)
+
+
 def _main(name):
     return {"train": train.main, "evaluate": evaluate.main, "predict": predict.main}.get(name) or load_tool(name).main
 
@@ -105,20 +112,52 @@ def _main(name):
     ("train", ["--experiment", "roi_human", "--train_ann", "X.json"],
      "real data needs all of --train_ann --val_ann --train_img_dir --val_img_dir; missing --val_ann"),
     ("train", ["--experiment", "nope"], "unknown experiment 'nope'"),
-    ("train", ["--experiment", "voc_resnet", "--resume", "{tmp}/nowhere"], "no checkpoint at"),
-    ("evaluate", ["{tmp}/nowhere"], "no checkpoint at"),
+    ("train", ["--experiment", "voc_resnet", "--resume", "{tmp}/nowhere"],
+     "checkpoint path {tmp}/nowhere does not exist"),
+    ("train", ["--experiment", "voc_resnet", "--mode", "bogus"], "argument --mode: invalid choice: 'bogus'"),
+    ("train", ["--experiment", "voc_resnet", "--data_root", "{tmp}/nope"], "--data_root {tmp}/nope does not exist"),
+    ("train", ["--experiment", "roi_human", "--train_ann", "{tmp}/a.json", "--val_ann", "{tmp}/b.json",
+               "--train_img_dir", "{tmp}", "--val_img_dir", "{tmp}"], "--train_ann {tmp}/a.json does not exist"),
+    ("train", ["--experiment", "voc_resnet", "--epochz", "3"], "unrecognized arguments: --epochz 3"),
+    ("evaluate", ["{tmp}/nowhere"], "checkpoint path {tmp}/nowhere does not exist"),
     ("evaluate", ["--multiple", "{tmp}/none*"], "no checkpoint matches"),
-    ("predict", ["--checkpoint", "{tmp}/nowhere", "--image", "a.jpg"], "no checkpoint at"),
+    ("evaluate", ["a", "--multiple", "b"], "give either CHECKPOINT or --multiple GLOB"),
+    ("evaluate", ["{tmp}"], "no run of any experiment with checkpoints under {tmp}"),
+    ("predict", ["--checkpoint", "{tmp}/nowhere", "--image", "{tmp}"], "checkpoint path {tmp}/nowhere does not exist"),
+    ("predict", ["--checkpoint", "{tmp}", "--image", "{tmp}/nope.jpg"], "--image {tmp}/nope.jpg does not exist"),
+    ("predict", ["--checkpoint", "{tmp}", "--input_dir", "{tmp}/nope"], "--input_dir {tmp}/nope does not exist"),
+    ("predict", ["--checkpoint", "{tmp}"], "give --image or --input_dir"),
     ("export_onnx", ["--experiment", "voc_resnet", "--init_from", "w.pth", "--out", "x.onnx"],
      "--init_from expects torch:PATH"),
     ("export_onnx", ["--experiment", "voc_resnet", "--checkpoint", "{tmp}/nowhere", "--out", "x.onnx"],
-     "no run of 'voc_resnet' with checkpoints under"),
+     "checkpoint path {tmp}/nowhere does not exist"),
+    ("export_onnx", ["--experiment", "voc_resnet", "--checkpoint", "{tmp}", "--out", "x.onnx"],
+     "no run of 'voc_resnet' with checkpoints under {tmp}"),
+    ("export_onnx", ["--experiment", "voc_resnet", "--out", "x.onnx"], "one of the arguments --checkpoint --init_from"),
     ("export_onnx", ["--experiment", "voc_resnet", "--init_from", "torch:{tmp}/w.pth", "--out", "x.onnx"],
      "w.pth"),
     ("benchmark", ["--experiment", "roi_human", "--set", "train.epochs"], "--set expects KEY=VALUE"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(entry, argv, message, tmp_path, capsys):
-    assert _main(entry)([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and message in err[-1], err
-    assert not any("Traceback" in line for line in err), err
+    """Exactly one line on stderr (no argparse usage dump, no traceback) and exit status 2, whether
+    the mistake is argparse's (SystemExit) or the entry point's (its return value)."""
+    try:
+        status = _main(entry)([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    except SystemExit as e:
+        status = e.code
+    assert status == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not LOG_LINE.match(line)]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert message.replace("{tmp}", str(tmp_path)) in err[0], err
+
+
+def test_a_batch_the_devices_do_not_divide_is_one_line(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "segjax.train", "--experiment", "voc_resnet", "--batch_size", "3",
+                           "--set", f"data.demo_root={tmp_path}", "--checkpoint_dir", str(tmp_path / "runs")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if not LOG_LINE.match(line)]
+    assert errors == ["error: batch size 3 must be a multiple of mesh data x fsdp = 2 and of the 1 processes"], \
+        proc.stderr

@@ -122,7 +122,8 @@ def test_bad_inputs_for_a_semantic_model(semantic, tmp_path, capsys):
     Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(image)
     cases = [
         (["--checkpoint", semantic["run_dir"], "--image", str(image), "--boxes", "1,1,5,5"], "apply to ROI models"),
-        (["--checkpoint", semantic["run_dir"], "--input_dir", str(tmp_path / "none")], "is not a directory"),
+        (["--checkpoint", semantic["run_dir"], "--input_dir", str(tmp_path / "none")], "none does not exist"),
+        (["--checkpoint", semantic["run_dir"], "--input_dir", str(image)], "a.png is not a directory"),
         (["--checkpoint", semantic["run_dir"], "--image", str(image), "--experiment", "roi_human"],
          "is a model of 'voc_resnet', not 'roi_human'"),
         (["--onnx", str(tmp_path / "none.onnx"), "--image", str(image)], "ONNX model not found"),

@@ -256,7 +256,8 @@ def test_paper_recipe_at_tiny_size(roads, tmp_path):
     assert (cfg.train.batch_size, cfg.data.crop, cfg.data.base_height, cfg.data.scale_min, cfg.data.scale_max) == (
         16, (512, 1024), 1024, 0.5, 2.0)
     assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.scheduler, cfg.optim.power,
-            cfg.optim.gradient_clip, cfg.optim.param_groups) == ("adamw", 1e-4, 0.05, "poly", 0.9, 0.01, ("mask2former",))
+            cfg.optim.gradient_clip, cfg.optim.param_groups) == ("adamw", 1e-4, 0.05, "poly", 0.9, 0.01,
+                                                                 ("mask2former",))
     assert cfg.train.epochs * (2975 // 16) == 90_095 and cfg.eval.resize == (1024, 2048)
     assert set(cfg.model.train_parts) == {"backbone", "pixel_decoder", "transformer"}
 
@@ -269,5 +270,6 @@ def test_paper_recipe_at_tiny_size(roads, tmp_path):
         assert r["lr"] == pytest.approx(1e-4 * (1 - (r["step"] - 1) / total) ** 0.9, rel=1e-5)
     assert steps_per_epoch >= 1 and np.isfinite(train_rows[-1]["loss"])
     assert 0 <= rows[-1]["miou"] <= 1 and rows[-1]["split"] == "val"
-    groups = [line for line in (Path(summary["run_dir"]) / "train.log").read_text().splitlines() if "param group" in line]
+    log_lines = (Path(summary["run_dir"]) / "train.log").read_text().splitlines()
+    groups = [line for line in log_lines if "param group" in line]
     assert any("backbone" in g and "lr x0.1," in g for g in groups), groups

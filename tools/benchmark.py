@@ -34,12 +34,12 @@ from segjax.engine import mesh as mesh_lib
 from segjax.engine import steps as steps_lib
 from segjax.engine.runlog import setup_console_logging
 from segjax.engine.setup import build_state
-from segjax.errors import guarded
+from segjax.errors import ArgumentParser, guarded
 from segjax.train import resolve_config
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", required=True, help="built-in name or a .py file, as for segjax.train")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per step after the compiling one")

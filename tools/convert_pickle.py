@@ -14,13 +14,13 @@ import argparse
 import logging
 
 from segjax.data.prepare import convert_records, load_pickle
-from segjax.errors import guarded
+from segjax.errors import ArgumentParser, guarded
 
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
     # A one-line usage: a command-line mistake reads as two short lines, not a page.
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         usage="%(prog)s --pickle FILE --out_dir ROOT --trust_pickle [--subdir NAME]",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pickle", required=True, help="the pickle file, e.g. data/raw/data.pkl")

@@ -20,14 +20,14 @@ from segjax import config as config_lib
 from segjax.bridge.hf_mask2former import save_hf_mask2former
 from segjax.engine import setup
 from segjax.engine.runlog import setup_console_logging
-from segjax.errors import guarded
+from segjax.errors import ArgumentParser, guarded
 from segjax.models.mask2former import Mask2Former
 
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir, step dir or a folder of runs")
     parser.add_argument("--out", required=True, help="the directory to write")
     args = cli.parse(parser, argv, flags=False)

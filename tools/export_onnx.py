@@ -27,13 +27,13 @@ from flax import nnx
 from segjax import cli, tasks
 from segjax import config as config_lib
 from segjax.engine import setup
-from segjax.engine.runlog import setup_console_logging
-from segjax.errors import guarded
+from segjax.engine.runlog import quiet_onnxruntime, setup_console_logging
+from segjax.errors import ArgumentParser, guarded
 from segjax.export.onnx import OPSET, ExportCheckError, export, format_report
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="run dir, checkpoint dir or step dir, or a folder of runs (see --model)")
     source.add_argument("--init_from", metavar="torch:PATH|hf:DIR",
@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, help="image width (default: the config's input size)")
     parser.add_argument("--fp16", action="store_true", help="convert to float16 inside (inputs, outputs stay float32)")
     parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    parser.add_argument("--verbose", action="store_true", help="show third-party warnings (orbax/absl, onnxruntime)")
     parser.add_argument("--tolerance", type=float,
                         help="max |onnx - jax| allowed, relative to max(1, max |jax|) (default: 1e-4, fp16 3e-2)")
     args = cli.parse(parser, argv, flags=False)
@@ -86,6 +87,8 @@ def load_weights(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
     args = parse_args(argv)
+    setup_console_logging(verbose=args.verbose)
+    quiet_onnxruntime(args.verbose)
     try:
         task, model = load_weights(args)
         report = export(task, model, args.out, variant=args.variant, batch=args.batch, height=args.height,

@@ -10,12 +10,12 @@ import logging
 
 from segjax.data.coco import load_person_index
 from segjax.data.prepare import compute_roi_class_stats, person_only_subset, write_stats
-from segjax.errors import guarded
+from segjax.errors import ArgumentParser, guarded
 
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ann", required=True, help="COCO instances JSON, e.g. instances_train2017.json")
     parser.add_argument("--img_dir", required=True, help="folder with the images of --ann")
     parser.add_argument("--out_dir", required=True, help="where the new annotation file (and stats) go")

@@ -14,23 +14,25 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
 
 from segjax.data import roads, subset
-from segjax.data.errors import SkipReport
-from segjax.errors import guarded
+from segjax.data.demo import demo_marker
+from segjax.data.errors import DataError, SkipReport
+from segjax.errors import ArgumentParser, guarded
 
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
     # A one-line usage: a command-line mistake reads as two short lines, not a page.
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         usage="%(prog)s --data_root ROOT (--split S | --list FILE) --out_dir OUT [options; see --help]",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     roads.add_data_arguments(parser)
     pool = parser.add_mutually_exclusive_group()
     pool.add_argument("--split", default="train",
-                      help="Cityscapes-style: a folder of leftImg8bit/; folders: ROOT/splits/SPLIT.txt "
-                           "('' = all images)")
+                      help="ROOT/splits/SPLIT.txt when it exists (tools/split_dataset.py), else the folder: "
+                           "leftImg8bit/SPLIT/ (Cityscapes-style) or all of images/ (folders); '' = all images")
     pool.add_argument("--list", default="", help="a list file of image paths relative to ROOT (instead of --split)")
     parser.add_argument("--num", type=int, default=1500, help="how many images to keep")
     parser.add_argument("--out_dir", required=True)
@@ -42,11 +44,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.num < 1 or args.min_pixels < 1 or args.workers < 0:
         parser.error("--num and --min_pixels must be >= 1 and --workers >= 0")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    marker = demo_marker(args.out_dir)
+    if marker is not None:
+        raise DataError(f"{args.out_dir} is inside segjax's demo data ({marker}): its subset is the demo's own; "
+                        "give --out_dir elsewhere")
+    layout = roads.layout_from_arguments(args).resolve(args.data_root)
+    split_list = Path(args.data_root) / "splits" / f"{args.split}.txt"
+    list_file, split = args.list, args.split
+    if not list_file and split and split_list.is_file():  # the split tool's list wins over the folder
+        list_file = str(split_list)
+    elif not list_file and layout.kind == "folders":
+        split = ""  # no split lists: every image of images/
     report = SkipReport()
     classes = roads.load_class_set(args.classes)
     start = time.perf_counter()
     scan = roads.load_road_data(
-        args.data_root, layout=roads.layout_from_arguments(args), split=args.split, list_file=args.list,
+        args.data_root, layout=layout, split=split, list_file=list_file,
         num_classes=len(classes.names), label_ids=args.label_ids, unknown=args.unknown_labels, report=report,
         workers=args.workers, progress=True)
     seconds = time.perf_counter() - start
@@ -54,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     files = subset.write_selection(paths, scan.class_pixels, args.out_dir, num=args.num, names=classes.names,
                                    colours=classes.colours, min_pixels=args.min_pixels, weights=args.weights)
     skipped = {reason: entry["count"] for reason, entry in report.as_dict().items()}
-    print(f"ranked {len(paths)} images ({len(paths) / seconds:.0f} labels/s, {seconds:.1f} s; skipped: "
+    source = list_file or (f"leftImg8bit/{split}/" if layout.kind == "cityscapes" else "images/")
+    print(f"ranked {len(paths)} images of {source} ({len(paths) / seconds:.0f} labels/s, {seconds:.1f} s; skipped: "
           f"{skipped or 'none'}); kept {min(args.num, len(paths))} in {files['subset']}, scores in "
           f"{files['scores']}, chart {files['chart']}")
     return 0

@@ -7,6 +7,8 @@ COCO person, VOC and COCO semantic worlds, `demo_portrait` the portrait one.
 from __future__ import annotations
 
 import colorsys
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -50,26 +52,60 @@ def default_demo_root() -> Path:
     return Path(os.environ.get("SEGJAX_DEMO_ROOT", Path.home() / ".cache" / "segjax" / "demo"))
 
 
+_held_locks: set[Path] = set()  # demo locks this process holds (a demo may write another inside its lock)
+
+
+@contextlib.contextmanager
+def demo_lock(root: str | os.PathLike):
+    """An exclusive lock on the demo directory `root` (a lock file in it), held by one process at a
+    time: two runs started together write the demo once, and the second reuses it; re-entered by
+    its holder freely."""
+    root = Path(root).absolute()
+    path = root / ".segjax_demo.lock"
+    if path in _held_locks:
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
+        _held_locks.add(path)
+        try:
+            yield
+        finally:
+            _held_locks.discard(path)
+
+
+def demo_marker(path: str | os.PathLike) -> Path | None:
+    """The demo marker (`segjax_<name>_demo.json`) of the demo directory holding `path`, if any."""
+    for folder in [Path(path).absolute(), *Path(path).absolute().parents]:
+        markers = sorted(folder.glob("segjax_*_demo.json")) if folder.is_dir() else []
+        if markers:
+            return markers[0]
+    return None
+
+
 def cached_demo(root: Path, name: str, version: int, params: dict, expected: Iterable[str | Path],
                 write: Callable[[], object]) -> None:
     """Run `write()` unless `root` already holds the `name` demo of this version and params.
 
     The marker `root/segjax_<name>_demo.json` records version and params and is written last, so
-    it means everything before it is complete; `expected` files must exist as well.
+    it means everything before it is complete; `expected` files must exist as well. The check and
+    the writing hold `demo_lock(root)`: concurrent runs cannot write over each other.
     """
     marker = root / f"segjax_{name}_demo.json"
     params = {"version": version, **params}
-    try:
-        complete = json.loads(marker.read_text()) == params and all(Path(p).exists() for p in expected)
-    except (OSError, ValueError):
-        complete = False
-    if complete:
-        logger.info("reusing %s demo data in %s", name, root)
-        return
-    logger.info("writing %s demo data %s into %s", name, params, root)
-    marker.unlink(missing_ok=True)
-    write()
-    write_atomic(marker, json.dumps(params))
+    with demo_lock(root):
+        try:
+            complete = json.loads(marker.read_text()) == params and all(Path(p).exists() for p in expected)
+        except (OSError, ValueError):
+            complete = False
+        if complete:
+            logger.info("reusing %s demo data in %s", name, root)
+            return
+        logger.info("writing %s demo data %s into %s", name, params, root)
+        marker.unlink(missing_ok=True)
+        write()
+        write_atomic(marker, json.dumps(params))
 
 
 def _ellipse(cx: float, cy: float, rx: float, ry: float, points: int = 20) -> list[float]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segjax.data.demo import cached_demo, person_parts, random_colour, rasterise
+from segjax.data.demo import cached_demo, demo_lock, person_parts, random_colour, rasterise
 from segjax.data.prepare import split_pool, write_lists
 from segjax.data.roads import DEFAULT_SUFFIXES, IDD_LEVEL3, IGNORE, RoadLayout, load_road_data
 from segjax.data.subset import write_selection
@@ -202,11 +202,12 @@ def prepare_road_demo(root: str | os.PathLike, *, fractions=DEMO_FRACTIONS, num:
     the demo's images (train and val folders pooled) split at `fractions` (root/splits/), the
     training split's labels read and ranked, its top `num` kept (root/subset/: subset.txt,
     scores.csv, class_frequency.png). Returns the list files {"train": subset.txt, "val": ...}."""
-    root = Path(write_road_demo(root))
-    layout = RoadLayout().resolve(root)
-    lists = write_lists(split_pool(layout.pool(root, "train") + layout.pool(root, "val"), fractions=fractions,
-                                   seed=seed), root / "splits")
-    scan = load_road_data(root, layout=layout, list_file=lists["train"], num_classes=len(IDD_LEVEL3.names))
-    chosen = write_selection([pair.id for pair in scan.pairs], scan.class_pixels, root / "subset", num=num,
-                             names=IDD_LEVEL3.names, colours=IDD_LEVEL3.colours)
+    with demo_lock(root):  # the lists are rewritten each time: one run at a time
+        root = Path(write_road_demo(root))
+        layout = RoadLayout().resolve(root)
+        lists = write_lists(split_pool(layout.pool(root, "train") + layout.pool(root, "val"), fractions=fractions,
+                                       seed=seed), root / "splits")
+        scan = load_road_data(root, layout=layout, list_file=lists["train"], num_classes=len(IDD_LEVEL3.names))
+        chosen = write_selection([pair.id for pair in scan.pairs], scan.class_pixels, root / "subset", num=num,
+                                 names=IDD_LEVEL3.names, colours=IDD_LEVEL3.colours)
     return {"train": chosen["subset"], "val": lists["val"]}

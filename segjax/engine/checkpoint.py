@@ -15,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from segjax.config import ConfigError
 from segjax.errors import CheckpointError
 
 
@@ -112,29 +113,42 @@ def checkpoint_subdir(run_dir: Path) -> str:
         return "checkpoints"
 
 
-def find_checkpoint_dir(path: str | Path) -> tuple[Path, int | None]:
-    """Accepts a run directory, its checkpoint directory or one step directory inside it."""
+def find_checkpoint_dir(path: str | Path, experiment: str | None = None,
+                        model_name: str | None = None) -> tuple[Path, int | None]:
+    """Where a checkpoint path points, the one resolver of every entry point: (checkpoint
+    directory, step or None). `path` is a run directory, its checkpoint directory, one step
+    directory, a folder holding runs (e.g. runs/ or runs/roadways_mask2former: its newest run of
+    `experiment`, of `model_name` when given) or "latest" (the newest run under ./runs)."""
+    if str(path) == "latest":
+        path = latest_run("runs", experiment, model_name)
     path = Path(path).absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
     if (path / checkpoint_subdir(path)).is_dir():
         return path / checkpoint_subdir(path), None
-    if path.name.isdigit() and path.parent.is_dir():
+    if path.name.isdigit() and path.is_dir():
         return path.parent, int(path.name)
-    if path.is_dir():
+    if path.is_dir() and any(p.name.isdigit() and p.is_dir() for p in path.iterdir()):
         return path, None
-    raise FileNotFoundError(f"no checkpoint at {path} (give a run directory, its checkpoint directory or a step)")
+    if path.is_dir():  # a folder of runs
+        run_dir = latest_run(path, experiment, model_name)
+        return run_dir / checkpoint_subdir(run_dir), None
+    raise FileNotFoundError(f"no checkpoint at {path} (give a run directory, its checkpoint directory, a step "
+                            f"or a folder of runs)")
 
 
-def latest_run(run_root: str | Path, experiment: str, model_name: str | None = None) -> Path:
-    """The newest run directory of `experiment` under `run_root` that holds a complete checkpoint;
-    with `model_name`, only runs whose `model.name` is that (experiments training several models)."""
-    runs, models_seen = [], set()
+def latest_run(run_root: str | Path, experiment: str | None = None, model_name: str | None = None) -> Path:
+    """The newest run directory of `experiment` (None: of any, if only one is found) under
+    `run_root` that holds a complete checkpoint; with `model_name`, only runs whose `model.name` is
+    that (experiments training several models)."""
+    runs, models_seen, experiments = [], set(), set()
     for config_file in Path(run_root).glob("**/config.json"):
         run_dir = config_file.parent
         try:
             saved = json.loads(config_file.read_text())
         except (OSError, ValueError):
             continue
-        if saved.get("experiment") != experiment:
+        if experiment not in (None, saved.get("experiment")):
             continue
         name = saved.get("model", {}).get("name")
         models_seen.add(str(name))
@@ -142,8 +156,13 @@ def latest_run(run_root: str | Path, experiment: str, model_name: str | None = N
         if (model_name in (None, name) and ckpt_dir.is_dir()
                 and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
             runs.append(run_dir)
+            experiments.add(str(saved.get("experiment")))
     if not runs:
-        which = f"{experiment!r}" + (f" with model {model_name!r}" if model_name else "")
+        which = f"{experiment!r}" if experiment else "any experiment"
+        which += f" with model {model_name!r}" if model_name else ""
         seen = f" (models found: {sorted(models_seen) or 'none'})" if model_name else ""
         raise FileNotFoundError(f"no run of {which} with checkpoints under {Path(run_root).absolute()}{seen}")
+    if len(experiments) > 1:
+        raise ConfigError(f"{Path(run_root).absolute()} holds runs of several experiments "
+                          f"({', '.join(sorted(experiments))}): name one with --experiment, or give a run directory")
     return max(runs, key=lambda p: (p / "config.json").stat().st_mtime)

@@ -78,7 +78,7 @@ def check_batch_size(global_batch: int, mesh: jax.sharding.Mesh) -> int:
     """The per-process batch; the global batch must split evenly over the batch axes and processes."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch % shards or global_batch % jax.process_count():
-        raise ValueError(f"batch size {global_batch} must be a multiple of mesh data x fsdp = {shards} "
+        raise ConfigError(f"batch size {global_batch} must be a multiple of mesh data x fsdp = {shards} "
                          f"and of the {jax.process_count()} processes")
     return global_batch // jax.process_count()
 

@@ -157,13 +157,12 @@ class Restored(typing.NamedTuple):
     meta: dict
 
 
-def locate(path: str | Path, experiment: str, model_name: str | None = None) -> Path:
-    """A checkpoint of `experiment` at `path` (run, checkpoint or step directory), or the newest
-    run under `path` (e.g. runs/); with `model_name`, the checkpoint must be of that model.name."""
-    try:
-        cfg, ckpt_dir, step = checkpoint_config(path)
-    except FileNotFoundError:
-        return latest_run(path, experiment, model_name)
+def locate(path: str | Path, experiment: str | None = None, model_name: str | None = None) -> Path:
+    """The step directory a checkpoint path means (`find_checkpoint_dir`: a run, checkpoint or step
+    directory, a folder of runs, "latest"; the best step unless one is named); with `model_name`,
+    the checkpoint must be of that model.name."""
+    ckpt_dir, step = find_checkpoint_dir(path, experiment, model_name)
+    cfg, ckpt_dir, step = checkpoint_config(ckpt_dir if step is None else ckpt_dir / str(step))
     name = getattr(cfg.model, "name", None)
     if model_name is not None and name != model_name:
         raise config_lib.ConfigError(f"{path} is a checkpoint of model {name!r}, not {model_name!r}")
