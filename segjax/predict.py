@@ -57,6 +57,7 @@ from segjax.engine.inference import images_nchw, segment, uses_protocol
 from segjax.engine.runlog import quiet_onnxruntime, setup_console_logging
 from segjax.engine.setup import checkpoint_config, locate, restore_model
 from segjax.errors import ArgumentParser, guarded
+from segjax.tasks.base import blend
 
 PERSON_CATEGORY = 1  # COCO's person category id in detection results
 ALPHA = 0.5
@@ -240,9 +241,7 @@ def list_images(paths: list[str], input_dir: str | None) -> list[tuple[Path, Pat
 def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, class_names) -> np.ndarray:
     """Class colours blended at ALPHA where the class is not named background, and a legend."""
     coloured = np.isin(mask, [i for i, name in enumerate(class_names) if name != "background"])
-    out = image.astype(np.float32)
-    out[coloured] = (1 - ALPHA) * out[coloured] + ALPHA * palette[mask[coloured]]
-    picture = Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
+    picture = Image.fromarray(blend(image, mask, palette, coloured, ALPHA))
     present = [int(c) for c in np.unique(mask[coloured])]
     if present:
         draw = ImageDraw.Draw(picture)

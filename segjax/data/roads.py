@@ -159,13 +159,6 @@ def label_lut(num_classes: int, label_ids: str = "train") -> np.ndarray:
     return lut
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The image with class colours blended in; ignored pixels keep the image."""
-    colour = palette[mask].astype(np.float32)
-    blended = (1 - alpha) * image.astype(np.float32) + alpha * colour
-    return np.where((mask == IGNORE)[..., None], image, np.clip(blended + 0.5, 0, 255)).astype(np.uint8)
-
-
 # ---------------------------------------------------------------- layouts and record lists
 
 

@@ -161,6 +161,16 @@ def class_map(scores: np.ndarray, box: Letterbox) -> np.ndarray:
     return out
 
 
+def blend(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, coloured: np.ndarray | None = None,
+          alpha: float = 0.5) -> np.ndarray:
+    """The overlay of every task and of predict: `palette[mask]` blended into the RGB `image` at
+    `alpha` where `coloured` (default: where the mask is not 255, the ignore label), rounded."""
+    coloured = mask != 255 if coloured is None else coloured
+    out = image.astype(np.float32)
+    out[coloured] = (1 - alpha) * out[coloured] + alpha * palette[mask[coloured]]
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
 @dataclass(frozen=True)
 class Transform:
     """A picklable grain transform: `example(entry, rng=rng)` in training, `example(entry)` in

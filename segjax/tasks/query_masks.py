@@ -36,7 +36,7 @@ from segjax.data.errors import DataError
 from segjax.data.memmap import STORAGE, MemmapSource, read_sidecar, storage_names
 from segjax.data.transforms import augment_portrait, eval_portrait
 from segjax.models.hybrid import SIZES, HybridQueryModel
-from segjax.tasks.base import Letterbox, TaskBase, Transform, class_map, record_sums, sized
+from segjax.tasks.base import Letterbox, TaskBase, Transform, blend, class_map, record_sums, sized
 
 log = logging.getLogger("segjax")
 
@@ -222,13 +222,6 @@ def combine_queries(pred_logits: jnp.ndarray, pred_masks: jnp.ndarray, class_ind
     return jnp.max(weight * jax.nn.sigmoid(pred_masks.astype(jnp.float32)), axis=1)
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, colour=(255, 0, 0), alpha: float = 0.5) -> np.ndarray:
-    """`image` with `colour` blended at `alpha` where `mask` is set."""
-    out = image.astype(np.float32)
-    out[mask > 0] = (1 - alpha) * out[mask > 0] + alpha * np.asarray(colour, np.float32)
-    return out.astype(np.uint8)
-
-
 class Task(TaskBase):
     class_names = CLASS_NAMES
     data_keys = ("data_dir", *_MEMMAP_KEYS)
@@ -336,7 +329,9 @@ class Task(TaskBase):
     def panels(self, batch: dict, outputs: dict, index: int) -> list[np.ndarray]:
         """Image | ground truth | prediction, person in red."""
         image = batch["image"][index]
-        return [image, overlay(image, batch["mask"][index]), overlay(image, outputs["pred"][index])]
+        red = np.zeros((256, 3), np.uint8)
+        red[1:] = (255, 0, 0)
+        return [image, *(blend(image, mask, red, mask > 0) for mask in (batch["mask"][index], outputs["pred"][index]))]
 
     # --- inference and export (segjax.predict, ONNX export) ---
     def export_signature(self, variant: str = "default") -> tuple[list[tuple[str, tuple]], list[str]]:

@@ -40,7 +40,7 @@ from segjax.data.demo_roads import prepare_road_demo
 from segjax.data.voc import SegmentationSource
 from segjax.models import mask2former
 from segjax.models.mask2former import MASK2FORMER_VARIANTS, Mask2Former
-from segjax.tasks.base import TaskBase, Transform, class_map
+from segjax.tasks.base import TaskBase, Transform, blend, class_map
 from segjax.tasks.query_masks import SetLossConfig, check_set_loss, point_criterion
 
 log = logging.getLogger("segjax")
@@ -314,8 +314,8 @@ class Task(TaskBase):
     def panels(self, batch: dict, outputs: dict, index: int) -> list[np.ndarray]:
         """Image | ground truth | prediction, in the class colours, at the model's input size."""
         image = batch["image"][index]
-        return [image, roads.overlay(image, batch["mask"][index], self._palette),
-                roads.overlay(image, outputs["pred"][index], self._palette)]
+        return [image, blend(image, batch["mask"][index], self._palette),
+                blend(image, outputs["pred"][index], self._palette)]
 
     def palette(self) -> np.ndarray:
         """The class set's colours."""

@@ -25,12 +25,14 @@ from segjax.data import coco, demo, prepare, transforms
 from segjax.data.errors import DataError
 from segjax.data.feature_cache import OnnxFeatureExtractor
 from segjax.models.roi_head import SIZES, RoiHumanModel, roi_human_model
-from segjax.tasks.base import TaskBase, Transform, bilinear_axis, letterbox, resample, sized
+from segjax.tasks.base import TaskBase, Transform, bilinear_axis, blend, letterbox, resample, sized
 
 log = logging.getLogger("segjax")
 
 CLASS_NAMES = ("background", "this_person", "other_people")
 OVERLAY_COLOURS = {1: (255, 0, 0), 2: (0, 0, 255)}  # this person red, other people blue
+PALETTE = np.zeros((256, 3), np.uint8)
+PALETTE[list(OVERLAY_COLOURS)] = list(OVERLAY_COLOURS.values())
 
 
 @dataclass(frozen=True)
@@ -265,10 +267,7 @@ class Task(TaskBase):
     predict_options = ("boxes",)
 
     def palette(self) -> np.ndarray:
-        palette = np.zeros((256, 3), np.uint8)
-        for cls, colour in OVERLAY_COLOURS.items():
-            palette[cls] = colour
-        return palette
+        return PALETTE.copy()
 
     def predict_inputs(self, image: np.ndarray, *, size: tuple[int, int], boxes: np.ndarray) -> tuple[dict, Any]:
         """`images` and `rois` [K, 5] of the person `boxes` [N, 4] (x1, y1, x2, y2 in image pixels);
@@ -319,8 +318,7 @@ def overlay_roi_prediction(image: np.ndarray, box: np.ndarray, pred: np.ndarray,
         row = np.clip(((ys + 0.5 - y1) / max(y2 - y1, 1e-6) * size).astype(int), 0, size - 1)
         region = pred[row[:, None], col[None, :]]
         patch = out[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1]
-        for cls, colour in OVERLAY_COLOURS.items():
-            patch[region == cls] = (1 - alpha) * patch[region == cls] + alpha * np.asarray(colour, np.float32)
+        patch[...] = blend(patch, region, PALETTE, np.isin(region, list(OVERLAY_COLOURS)), alpha)
         # Box outline in white so the panel says which person it is about.
         out[ys[0]:ys[-1] + 1, [xs[0], xs[-1]]] = 255
         out[[ys[0], ys[-1]], xs[0]:xs[-1] + 1] = 255
