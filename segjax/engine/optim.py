@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from segjax.config import ConfigError
-from segjax.engine.sharding import path_name
+from segjax.engine.sharding import path_name, regex_and_value
 
 log = logging.getLogger("segjax")
 
@@ -59,13 +59,8 @@ def parse_groups(items: Sequence[str]) -> list[Group]:
         if text in PRESETS:
             groups += [g._replace(preset=text) for g in parse_groups(PRESETS[text])]
             continue
-        regex, sep, options = text.rpartition("=")
-        if not sep:
-            raise ValueError(f"{text!r} is neither REGEX=lr_mult:X;decay_mult:Y nor a preset ({', '.join(PRESETS)})")
-        try:
-            pattern = re.compile(regex)
-        except re.error as e:
-            raise ValueError(f"{text!r}: bad regex ({e})") from None
+        pattern, options = regex_and_value(text, f"is neither REGEX=lr_mult:X;decay_mult:Y nor a preset "
+                                                  f"({', '.join(PRESETS)})")
         values = {}
         for option in options.split(";"):
             name, sep, value = option.strip().partition(":")

@@ -32,17 +32,23 @@ class Rule(NamedTuple):
     axis: str = "fsdp"
 
 
+def regex_and_value(text: str, otherwise: str) -> tuple[re.Pattern, str]:
+    """`REGEX=VALUE` (the last "=" splits) -> (compiled regex, value); a ValueError naming `text`
+    when it has no "=" (`otherwise` says what it should be) or a bad regex. Parameter groups share it."""
+    regex, sep, value = text.rpartition("=")
+    if not sep:
+        raise ValueError(f"{text!r} {otherwise}")
+    try:
+        return re.compile(regex), value
+    except re.error as e:
+        raise ValueError(f"{text!r}: bad regex ({e})") from None
+
+
 def parse_rules(rules: tuple[str, ...] | list[str]) -> list[Rule]:
     """`"REGEX=RULE"` strings -> rules; ValueError names the bad entry and the valid forms."""
     parsed = []
     for text in rules:
-        regex, sep, rule = text.rpartition("=")
-        if not sep:
-            raise ValueError(f"{text!r} is not REGEX=RULE")
-        try:
-            pattern = re.compile(regex)
-        except re.error as e:
-            raise ValueError(f"{text!r}: bad regex ({e})") from None
+        pattern, rule = regex_and_value(text, "is not REGEX=RULE")
         kind, *args = rule.strip().split(":")
         if kind in ("replicate", "fsdp") and not args:
             parsed.append(Rule(pattern, kind))
