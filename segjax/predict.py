@@ -147,7 +147,7 @@ def onnx_runner(path: str, checkpoint: str | None, providers: list[str], overrid
     else:
         raise ConfigError(f"{path} carries no segjax config in its metadata (exported by an older segjax); "
                           "give the run it came from with --checkpoint")
-    task = tasks.build(config_lib.apply(cfg, config_lib.parse_set(overrides)))
+    task = tasks.build(tasks.resolve(config_lib.apply(cfg, config_lib.parse_set(overrides))))
     if meta.get("variant") != task.predict_variant or meta.get("experiment") != cfg.experiment:
         raise ConfigError(f"{path} is the {meta.get('variant')!r} variant of {meta.get('experiment')!r}; prediction "
                           f"with {cfg.experiment!r} runs variant {task.predict_variant!r}")

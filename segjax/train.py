@@ -132,11 +132,11 @@ def train_and_evaluate(cfg: config_lib.Config, *, stop_after_epoch: int | None =
     setup_console_logging()
 
     # --- Task, mesh, data, run directory -------------------------------------------------------
+    cfg = tasks.resolve(cfg)  # data paths (demo data written if none were given), values found in the data
     task = tasks.build(cfg)
     mesh = mesh_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.model)
     local_batch = mesh_lib.check_batch_size(cfg.train.batch_size, mesh)
     train_source, train_transform = task.train_data()
-    cfg = task.cfg  # data paths (demo data written if none were given) and values found in the data
     resume_dir, resume_step = find_checkpoint_dir(cfg.train.resume) if cfg.train.resume else (None, None)
     run_dir = resume_dir.parent if resume_dir and not cfg.train.test_only else _new_run_dir(cfg, task.best_metric)
     runlog = RunLog(run_dir)
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     mesh_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                     args.heartbeat_timeout)
     if args.print_config:
-        print(config_lib.to_json(cfg))
+        print(config_lib.to_json(tasks.resolve(cfg)))
         return 0
     cli.check_data_paths(cfg)
     if cfg.demo:

@@ -50,6 +50,43 @@ def test_building_a_task_reads_no_data(experiment, paths, tmp_path, monkeypatch)
         task.val_data()
 
 
+_FILE_EVENTS = ("open", "os.listdir", "os.scandir", "os.mkdir", "os.remove", "os.rename", "os.rmdir",
+                "os.truncate", "shutil.copyfile", "shutil.rmtree")
+_file_events: list | None = None  # recording when a list
+
+
+def _record_file_access(event: str, args: tuple) -> None:
+    if _file_events is not None and event in _FILE_EVENTS:
+        _file_events.append((event, args[0] if args else None))
+
+
+sys.addaudithook(_record_file_access)  # audit hooks stay for the process; recording is off by default
+
+
+@pytest.mark.parametrize("experiment", ["roi_human", "voc_resnet", "coco_semantic", "hybrid_p3m",
+                                        "roadways_mask2former"])
+def test_a_resolved_config_builds_its_task_without_touching_a_file(experiment, tmp_path, monkeypatch):
+    """tasks.resolve does the I/O (demo data, class lists, the Hugging Face architecture); building the
+    task and its model from the resolved config then opens, lists and writes no file."""
+    global _file_events
+    monkeypatch.setenv("SEGJAX_DEMO_ROOT", str(tmp_path / "demo"))
+    cfg = tasks.resolve(load_experiment(experiment, demo=True))
+    assert tasks.resolve(cfg) == cfg  # resolved once and for all
+
+    def build():
+        task = tasks.build(cfg)
+        return task, nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
+
+    build()  # imports (which read modules) happen here
+    _file_events = []
+    try:
+        task, model = build()
+    finally:
+        events, _file_events = _file_events, None
+    assert events == [] and jax.tree.leaves(nnx.state(model))
+    assert task.cfg == cfg
+
+
 def test_export_restore_and_predict_after_the_training_data_is_deleted(tmp_path, realdata, capsys):
     data = write_coco_person_demo(tmp_path / "coco", num_train=4, num_val=2, image_size=(64, 64))
     flags = [f"--{k}={v}" for k, v in data.items()]

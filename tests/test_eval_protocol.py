@@ -369,7 +369,7 @@ def test_mask2former_validation_averages_semantic_scores(ref, tmp_path):
             ("data.val_list", lists["val"]), ("model.size", "tiny"), ("model.num_queries", "4"),
             ("data.eval_size", "64,128"), ("eval.resize", "96,160"), ("eval.mode", "slide"), ("eval.crop", "64,64"),
             ("eval.stride", "48,40"), ("eval.flip", "true")]
-    task = tasks.build(validate(apply(load_experiment("roadways_mask2former"), sets)))
+    task = tasks.build(tasks.resolve(validate(apply(load_experiment("roadways_mask2former"), sets))))
     model = task.build_model(nnx.Rngs(0))
     model.eval()
     graphdef, state = nnx.split(model)
@@ -426,7 +426,7 @@ voc = write_voc_demo(sys.argv[1], num_train=1, num_val=2, size=(90, 70))
 cfg = apply(load_experiment("voc_resnet"), [("data.data_root", str(voc)), ("model.size", "tiny"),
             ("model.name", "resnet18"), ("data.eval_size", "64"), ("eval.mode", "slide"), ("eval.crop", "48,48"),
             ("eval.stride", "16,24"), ("eval.batch_size", "3"), ("eval.flip", "true")])
-task = tasks.build(cfg)
+task = tasks.build(tasks.resolve(cfg))
 model = task.build_model(nnx.Rngs(0))
 model.eval()
 graphdef, state = nnx.split(model)

@@ -25,7 +25,7 @@ SEMANTIC_SIZE = ["--set", "data.eval_size=48", "--set", "data.crop_size=48"]
 
 def _task(*argv: str):
     cfg, _ = resolve_config(list(argv))
-    return tasks.build(cfg)
+    return tasks.build(tasks.resolve(cfg))
 
 
 def _shapes(path) -> dict[str, list]:
@@ -42,7 +42,7 @@ def _model(task) -> nnx.Module:
 def _semantic_task(voc_task, name: str):
     """voc_resnet's task for the tiny `name` model."""
     model_cfg = dataclasses.replace(voc_task.cfg.model, name=name, size="tiny")
-    return tasks.build(dataclasses.replace(voc_task.cfg, model=model_cfg))
+    return tasks.build(tasks.resolve(dataclasses.replace(voc_task.cfg, model=model_cfg)))
 
 
 def _check_sizes(report: dict) -> list[dict[str, list]]:

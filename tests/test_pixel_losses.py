@@ -165,7 +165,7 @@ def _task(voc, *sets):
     argv = ["--experiment", "voc_resnet", "--data_root", str(voc), *TINY]
     for item in sets:
         argv += ["--set", item]
-    return tasks.build(resolve_config(argv)[0])
+    return tasks.build(tasks.resolve(resolve_config(argv)[0]))
 
 
 def test_task_loss_uses_every_option(voc):
@@ -223,7 +223,7 @@ def test_class_weight_count_is_checked_against_the_prepared_class_list(tmp_path)
     argv = ["--experiment", "coco_semantic", "--data_root", str(Path(paths["train_masks"]).parent.parent),
             "--set", "loss.class_weights=1,2"]  # the class list (7 classes) is read from classes.json
     with pytest.raises(ConfigError, match=r"loss.class_weights needs 7 values \(one per class\), got 2"):
-        tasks.build(resolve_config(argv)[0])
+        tasks.build(tasks.resolve(resolve_config(argv)[0]))
 
 
 def _median_frequency_by_hand(mask_dir: Path, ids: list[str], num_classes: int) -> np.ndarray:

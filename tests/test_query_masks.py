@@ -167,7 +167,7 @@ def test_data_dir_of_one_prepared_size_sets_the_image_size(data_dir, tmp_path, c
         return ["--experiment", "hybrid_p3m", "--data_dir", str(folder), *TINY[2:], "--checkpoint_dir", str(tmp_path)]
 
     cfg, _ = resolve_config(no_size(data_dir))
-    assert cfg.data.image_size == 0 and tasks.build(cfg).cfg.data.image_size == SIZE
+    assert cfg.data.image_size == 0 and tasks.resolve(cfg).data.image_size == SIZE
     two = tmp_path / "two"
     shutil.copytree(data_dir, two)
     for path in data_dir.glob(f"train_{SIZE}_*"):
@@ -183,7 +183,7 @@ def test_original_pipeline_float16_files_without_sidecars(tmp_path):
     for sidecar in data_dir.glob("*.json"):
         sidecar.unlink()
     cfg, _ = resolve_config(["--experiment", "hybrid_p3m", "--data_dir", str(data_dir), *TINY])
-    task = tasks.build(cfg)
+    task = tasks.build(tasks.resolve(cfg))
     assert (task.cfg.data.memmap_dtype, task.cfg.data.memmap_layout) == ("float16", "NCHW")
     source, transform = task.val_data()
     record = transform(source[0])
@@ -193,7 +193,7 @@ def test_original_pipeline_float16_files_without_sidecars(tmp_path):
 
 def test_export_protocol_and_skip_safe_loss(data_dir):
     cfg, _ = resolve_config(["--experiment", "hybrid_p3m", "--data_dir", str(data_dir), *TINY])
-    task = tasks.build(cfg)
+    task = tasks.build(tasks.resolve(cfg))
     inputs, outputs = task.export_signature()
     assert inputs == [("images", ("B", 3, SIZE, SIZE))] and outputs == ["pred_logits", "pred_masks"]
     model = task.build_model(nnx.Rngs(0))
@@ -251,7 +251,7 @@ def fixed_batch(data_dir) -> tuple[dict, np.ndarray, np.ndarray]:
     """Four validation portraits as the task batches them (image 1 without person pixels, image 2
     unreadable, image 3 padding) and random model outputs for them: 3 queries."""
     cfg, _ = resolve_config(["--experiment", "hybrid_p3m", "--data_dir", str(data_dir), *TINY])
-    source, transform = tasks.build(cfg).val_data()
+    source, transform = tasks.build(tasks.resolve(cfg)).val_data()
     records = [transform(source[i % len(source)]) for i in range(4)]
     records[1] = tasks.query_masks.person_targets({**records[1], "mask": np.zeros_like(records[1]["mask"])})
     batch = {k: np.stack([r[k] for r in records]) for k in records[0]}
@@ -277,7 +277,7 @@ def test_padded_targets_give_the_one_person_loss(data_dir, fixed_batch):
     cfg, _ = resolve_config(["--experiment", "hybrid_p3m", "--data_dir", str(data_dir), *TINY])
     batch, logits, masks = fixed_batch
     assert batch["mask_labels"].shape == (4, 1, SIZE, SIZE) and batch["label_valid"].tolist() == [[1], [0], [1], [1]]
-    (loss, sums), grads = _task_loss(tasks.build(cfg), batch)(logits, masks)
+    (loss, sums), grads = _task_loss(tasks.build(tasks.resolve(cfg)), batch)(logits, masks)
     t_logits, t_masks = (torch.tensor(a, requires_grad=True) for a in (logits, masks))
     expected, parts = _one_person_loss(torch, t_logits, t_masks, batch["mask"], batch["valid"] & batch["image_ok"])
     expected.backward()
@@ -293,7 +293,7 @@ def test_mask2former_criterion_option(data_dir, fixed_batch, tmp_path, capsys):
     """loss.num_points > 0: Mask2Former's point-sampled criterion, its points from the step's key."""
     cfg, _ = resolve_config(["--experiment", "hybrid_p3m", "--data_dir", str(data_dir), *TINY,
                              "--set", "loss.num_points=16"])
-    task = tasks.build(cfg)
+    task = tasks.build(tasks.resolve(cfg))
     batch, logits, masks = fixed_batch
     (loss, sums), grads = _task_loss(task, batch)(logits, masks)
     usable = jnp.asarray(batch["valid"] & batch["image_ok"])

@@ -59,7 +59,7 @@ def task_for(kwargs: dict, *sets: str):
     cfg = config_lib.load_experiment("roadways_mask2former")
     pairs = [("data.data_root", "unused"), ("model.hf_config", json.dumps(hf_config(26, kwargs))),
              *config_lib.parse_set(list(sets))]
-    return tasks.build(config_lib.apply(cfg, pairs))
+    return tasks.build(tasks.resolve(config_lib.apply(cfg, pairs)))
 
 
 def synthetic_batch(batch: int = 2, size: int = 64) -> dict:
@@ -149,7 +149,7 @@ def test_hf_init_reinitialises_the_class_head(roads, caplog):
     """--init_from hf:DIR: the directory's architecture and weights; 3 classes vs 26 keep a fresh
     class head, with a notice."""
     cfg, _ = resolve_config(argv(roads, "unused"))
-    task = tasks.build(cfg)
+    task = tasks.build(tasks.resolve(cfg))
     assert json.loads(task.cfg.model.hf_config)["num_queries"] == 4
     model = task.build_model(nnx.Rngs(0))
     fresh = np.asarray(model.transformer.class_predictor.kernel[...])

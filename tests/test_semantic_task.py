@@ -94,7 +94,7 @@ def test_classes_come_from_the_prepared_folder(tmp_path, capsys):
     paths = write_coco_semantic_demo(tmp_path / "coco", num_train=4, num_val=2, size=(48, 48))
     argv = ["--experiment", "coco_semantic", "--data_root", str(Path(paths["train_masks"]).parent.parent),
             "--checkpoint_dir", str(tmp_path / "runs")]
-    task = tasks.build(resolve_config(argv)[0])
+    task = tasks.build(tasks.resolve(resolve_config(argv)[0]))
     mapping = json.loads(Path(paths["classes"]).read_text())  # {"0": "background", "1": ...}
     assert task.class_names == tuple(mapping[str(i)] for i in range(len(mapping)))
     assert task.cfg.data.num_classes == len(task.class_names) == 7

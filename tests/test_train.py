@@ -388,7 +388,7 @@ def test_data_stats_file_sets_the_class_weights(data, tmp_path, capsys):
     stats.write_text(json.dumps({"num_rois": 3, "pixel_counts": [1, 2, 3], "class_frequencies": [0.2, 0.3, 0.5],
                                  "class_weights": [0.5, 2.0, 4.0]}))
     cfg, _ = resolve_config(tiny_argv(data, tmp_path, "--data_stats", str(stats)))
-    task = tasks.build(cfg)
+    task = tasks.build(tasks.resolve(cfg))
     task.train_data()
     np.testing.assert_array_equal(task.cfg.data.class_weights, [0.5, 2.0, 4.0])
     stats.write_text("{not json")

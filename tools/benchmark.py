@@ -132,7 +132,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     mesh = mesh_lib.make_data_mesh()
     batch_size = cfg.train.batch_size
     local_batch = mesh_lib.check_batch_size(batch_size, mesh)
-    task = tasks.build(with_precision(cfg, precisions[0]))
+    task = tasks.build(tasks.resolve(with_precision(cfg, precisions[0])))
     cfg = task.cfg
 
     source, transform = task.train_data()
@@ -144,7 +144,7 @@ def benchmark(args: argparse.Namespace) -> dict:
 
     results = {}
     for precision in precisions:
-        task = task if precision == precisions[0] else tasks.build(with_precision(cfg, precision))
+        task = task if precision == precisions[0] else tasks.build(tasks.resolve(with_precision(cfg, precision)))
         steps = Steps(task, mesh, steps_per_epoch)
         results[precision] = {
             "train": time_step(functools.partial(steps.train, placed), args.repeats, batch_size),

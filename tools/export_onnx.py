@@ -72,7 +72,7 @@ def load_weights(args: argparse.Namespace):
         args.set = ["train.precision=fp32", *args.set, *([f"model.name={args.model}"] if args.model else [])]
         if args.model and not config_lib.has_path(config_lib.load_experiment(args.experiment), "model.name"):
             raise config_lib.ConfigError(f"--model: experiment {experiment!r} has a single model (no model.name)")
-        task = tasks.build(cli.experiment_config(args, demo=False))
+        task = tasks.build(tasks.resolve(cli.experiment_config(args, demo=False)))
         kind, _, path = args.init_from.partition(":")
         return setup.torch_model(task, path) if kind == "torch" else task.hf_model(path)
     checkpoint = setup.locate(args.checkpoint, experiment, args.model)

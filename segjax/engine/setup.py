@@ -122,7 +122,7 @@ def init_weights(task, model_def: nnx.GraphDef, model_state: nnx.State, sharding
         source = latest_run(cfg.train.run_root, cfg.experiment)
     checkpointer, step = open_checkpoint(source)
     saved = config_lib.from_dict(checkpointer.meta(step)["config"])
-    ema_task = tasks.build(saved) if saved.optim.ema_decay else None
+    ema_task = tasks.build(tasks.resolve(saved)) if saved.optim.ema_decay else None
     model_state, _ = checkpoint_weights(checkpointer, step, model_state, ema_task)
     checkpointer.close()
     log.info("initialised weights from %s step %d", checkpointer.directory, step)
@@ -176,7 +176,7 @@ def restore_model(path: str | Path, *, overrides: Sequence[str] = (), sharding=N
     first local device). Reads no data: the task opens them only when asked.
     """
     cfg, ckpt_dir, step = checkpoint_config(path)
-    task = tasks.build(config_lib.apply(cfg, config_lib.parse_set(overrides)))
+    task = tasks.build(tasks.resolve(config_lib.apply(cfg, config_lib.parse_set(overrides))))
     model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))  # shapes only: weights come from the checkpoint
     model.eval()
     graphdef, abstract_state = nnx.split(model)

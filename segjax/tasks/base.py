@@ -213,9 +213,17 @@ class TaskBase:
     class_names: tuple[str, ...]
 
     def __init__(self, cfg):
-        # Paths only: the data are opened by train_data/val_data.
-        self.cfg = dataclasses.replace(cfg, data=self.resolve_data(cfg.data))
+        """`cfg` complete (`resolve`d): building a task reads and writes nothing, and the data are
+        opened by train_data/val_data."""
+        self.cfg = cfg
         self.compute_dtype = jnp.bfloat16 if cfg.train.precision == "bf16" else jnp.float32
+
+    @classmethod
+    def resolve(cls, cfg):
+        """The config with all that the task needs from disk filled in: data paths (the demo data
+        written when none were given), class lists, values computed from the data. Every entry point
+        runs it before building the task; a resolved config comes back unchanged."""
+        return dataclasses.replace(cfg, data=cls.resolve_data(cfg.data))
 
     @classmethod
     def has_data(cls, data_cfg) -> bool:
@@ -225,7 +233,8 @@ class TaskBase:
     def check(cfg) -> None:
         pass
 
-    def resolve_data(self, data_cfg):
+    @classmethod
+    def resolve_data(cls, data_cfg):
         """The data config with every path the task reads filled in (demo data when none given)."""
         return data_cfg
 

@@ -234,7 +234,8 @@ class Task(TaskBase):
         self.best_mode = "min" if self.best_metric == "loss" else "max"
         self._sources: dict[str, MemmapSource] = {}
 
-    def resolve_data(self, data: QueryMaskDataConfig) -> QueryMaskDataConfig:
+    @classmethod
+    def resolve_data(cls, data: QueryMaskDataConfig) -> QueryMaskDataConfig:
         return _resolve_data(data)
 
     def torch_weights(self) -> tuple[str, str]:

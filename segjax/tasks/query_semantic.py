@@ -144,12 +144,6 @@ class Task(TaskBase):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        hf_dir = _hf_path(cfg.train.init_from)
-        if hf_dir and Path(hf_dir) == _demo_root(cfg.data) / DEMO_PRETRAINED:
-            write_demo_pretrained(Path(hf_dir))  # the demo's start, written when asked for
-        if hf_dir and not cfg.model.hf_config:  # the architecture is the checkpoint's
-            self.cfg = dataclasses.replace(
-                self.cfg, model=dataclasses.replace(cfg.model, hf_config=_read_hf_config(hf_dir)))
         self.class_names = self.cfg.data.class_names
         self._palette = np.zeros((256, 3), np.uint8)
         self._palette[:len(self.class_names)] = np.reshape(self.cfg.data.class_colours, (-1, 3))
@@ -174,7 +168,20 @@ class Task(TaskBase):
             raise ConfigError(f"loss.num_points must be >= 1 (Mask2Former's point-sampled loss), got "
                               f"{cfg.loss.num_points}")
 
-    def resolve_data(self, data: RoadDataConfig) -> RoadDataConfig:
+    @classmethod
+    def resolve(cls, cfg):
+        """Also the architecture of `--init_from hf:DIR` (its config.json, saved with the run), the
+        demo's tiny "pretrained" directory written first when that is the start."""
+        cfg = super().resolve(cfg)
+        hf_dir = _hf_path(cfg.train.init_from)
+        if hf_dir and Path(hf_dir) == _demo_root(cfg.data) / DEMO_PRETRAINED:
+            write_demo_pretrained(Path(hf_dir))
+        if hf_dir and not cfg.model.hf_config:  # the architecture is the checkpoint's
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_config=_read_hf_config(hf_dir)))
+        return cfg
+
+    @classmethod
+    def resolve_data(cls, data: RoadDataConfig) -> RoadDataConfig:
         """The class set (names and colours, saved with the run) and, without data_root, the road
         demo through the split and subset tools' code (its ranked subset is the training list)."""
         if not data.class_names:

@@ -129,8 +129,27 @@ class Task(TaskBase):
             raise ConfigError(f"real data needs all of --train_ann --val_ann --train_img_dir --val_img_dir; "
                               f"missing --{' --'.join(missing)}")
 
-    def resolve_data(self, data: RoiDataConfig) -> RoiDataConfig:
-        if self.has_data(data):
+    @classmethod
+    def resolve(cls, cfg):
+        """Also the class weights (saved with the run): from data.data_stats, else from the training ROIs."""
+        cfg = super().resolve(cfg)
+        data = cfg.data
+        if data.class_weights:
+            return cfg
+        if data.data_stats:
+            stats = prepare.read_stats(data.data_stats)
+            log.info("class weights from %s: %s", data.data_stats, stats["class_weights"])
+        else:
+            images, skipped = coco.load_person_index(data.train_ann, data.train_img_dir)
+            skipped.log(log, f"train annotations {data.train_ann}")
+            stats = prepare.compute_roi_class_stats(images, mask_size=data.mask_size)
+            log.info("class weights computed from %d training ROIs: %s", stats["num_rois"], stats["class_weights"])
+        weights = tuple(float(w) for w in stats["class_weights"])
+        return dataclasses.replace(cfg, data=dataclasses.replace(data, class_weights=weights))
+
+    @classmethod
+    def resolve_data(cls, data: RoiDataConfig) -> RoiDataConfig:
+        if cls.has_data(data):
             return data
         root = Path(data.demo_root) if data.demo_root else demo.default_demo_root() / "coco_person"
         paths = demo.write_coco_person_demo(root)
@@ -159,18 +178,6 @@ class Task(TaskBase):
             self._indexes[split] = images
         return self._indexes[split]
 
-    def _complete_class_weights(self) -> None:
-        """Fills data.class_weights (saved with the run) from data.data_stats, else from the training ROIs."""
-        data = self.cfg.data
-        if data.data_stats:
-            stats = prepare.read_stats(data.data_stats)
-            log.info("class weights from %s: %s", data.data_stats, stats["class_weights"])
-        else:
-            stats = prepare.compute_roi_class_stats(self._index("train"), mask_size=data.mask_size)
-            log.info("class weights computed from %d training ROIs: %s", stats["num_rois"], stats["class_weights"])
-        weights = tuple(float(w) for w in stats["class_weights"])
-        self.cfg = dataclasses.replace(self.cfg, data=dataclasses.replace(data, class_weights=weights))
-
     def _features(self, keep_image: bool) -> _WithFeatures | None:
         data = self.cfg.data
         if not data.extractor_onnx:
@@ -196,8 +203,6 @@ class Task(TaskBase):
                 Transform(example, then=self._features(keep_image=not train)))
 
     def train_data(self):
-        if not self.cfg.data.class_weights:
-            self._complete_class_weights()
         return self._data("train")
 
     def val_data(self):
@@ -218,8 +223,8 @@ class Task(TaskBase):
         logits = model(inputs, rois).astype(jnp.float32)
         targets = batch["targets"].reshape(-1, *batch["targets"].shape[2:]).astype(jnp.int32)
 
-        if not self.cfg.data.class_weights:  # a run restored from a config saved without them
-            self._complete_class_weights()
+        if not self.cfg.data.class_weights:
+            raise ConfigError("data.class_weights is empty: resolve the config (segjax.tasks.resolve) first")
         loss_cfg = self.cfg.loss
         ce, _ = losses.weighted_cross_entropy(logits, targets, roi_valid[:, None, None],
                                               jnp.asarray(self.cfg.data.class_weights, jnp.float32))

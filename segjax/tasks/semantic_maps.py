@@ -183,14 +183,29 @@ class Task(TaskBase):
         if loss.ohem_min_kept < 0:
             raise ConfigError(f"loss.ohem_min_kept must be >= 0, got {loss.ohem_min_kept}")
 
-    def resolve_data(self, data: SemanticDataConfig) -> SemanticDataConfig:
+    @classmethod
+    def resolve(cls, cfg):
+        """Also `loss.class_weights_from_data`: the weights computed from the training labels (saved
+        with the run, so that evaluate, predict and --resume never read them again)."""
+        cfg = super().resolve(cfg)
+        if not cfg.loss.class_weights_from_data or cfg.loss.class_weights:
+            return cfg
+        task = cls(cfg)  # building reads nothing; its data methods read the training list
+        pairs = task._pairs("train")
+        weights = median_frequency_weights([pair.mask_path for pair in pairs], len(task.class_names))
+        log.info("class weights by median frequency of %d training masks: %s", len(pairs),
+                 ", ".join(f"{name} {w:.4g}" for name, w in zip(task.class_names, weights)))
+        return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, class_weights=tuple(map(float, weights))))
+
+    @classmethod
+    def resolve_data(cls, data: SemanticDataConfig) -> SemanticDataConfig:
         """Paths (the demo's when none given) and the class list, recorded in the config."""
         root = Path(data.demo_root) if data.demo_root else demo.default_demo_root()
         if data.layout == "voc" and not data.data_root:
             voc_demo = demo.write_voc_demo(root / "voc")
             log.info("no data paths given: using the demo PASCAL VOC dataset at %s", voc_demo)
             data = dataclasses.replace(data, data_root=str(voc_demo))
-        elif data.layout == "folders" and not self.has_data(data):
+        elif data.layout == "folders" and not cls.has_data(data):
             paths = demo.write_coco_semantic_demo(root / "coco_semantic")
             log.info("no data paths given: using the demo COCO semantic dataset prepared at %s",
                      Path(paths["train_masks"]).parent.parent)
@@ -239,19 +254,9 @@ class Task(TaskBase):
         log.info("%s: %d images, %d classes", split, len(pairs), len(self.class_names))
         return pairs[:1] if data.overfit_one else pairs
 
-    def _complete_class_weights(self, pairs: list) -> None:
-        """Fills loss.class_weights (saved with the run) from the training labels."""
-        weights = median_frequency_weights([pair.mask_path for pair in pairs], len(self.class_names))
-        log.info("class weights by median frequency of %d training masks: %s", len(pairs),
-                 ", ".join(f"{name} {w:.4g}" for name, w in zip(self.class_names, weights)))
-        loss = dataclasses.replace(self.cfg.loss, class_weights=tuple(float(w) for w in weights))
-        self.cfg = dataclasses.replace(self.cfg, loss=loss)
-
     def train_data(self):
         data = self.cfg.data
         pairs = self._pairs("train")
-        if self.cfg.loss.class_weights_from_data and not self.cfg.loss.class_weights:
-            self._complete_class_weights(pairs)
         if data.overfit_one:  # sanity mode trains on the deterministic eval view
             source = voc.SegmentationSource(pairs * self.cfg.train.batch_size)
             return source, Transform(self._eval_example(), fixed=True)
