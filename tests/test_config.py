@@ -14,6 +14,7 @@ import setuptools
 from helpers import ROOT
 
 from segjax import config as config_lib
+from segjax import tasks
 from segjax.config import ConfigError, from_dict, load_experiment, override, to_dict, validate
 from segjax.train import main, resolve_config
 
@@ -228,8 +229,10 @@ def test_print_config(capsys):
     assert main(["--experiment", "roi_human", "--print_config", "--epochs", "3", "--set", "model.head_width=40"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert (printed["train"]["epochs"], printed["model"]["head_width"], printed["data"]["image_size"]) == (3, 40, 128)
-    assert from_dict(printed) == resolve_config(["--experiment", "roi_human", "--epochs", "3",
-                                                 "--set", "model.head_width=40"])[0]
+    # The resolved config: the demo's paths and the class weights computed from its training ROIs.
+    assert printed["data"]["train_ann"] and len(printed["data"]["class_weights"]) == 3
+    assert from_dict(printed) == tasks.resolve(resolve_config(["--experiment", "roi_human", "--epochs", "3",
+                                                               "--set", "model.head_width=40"])[0])
 
 
 @pytest.mark.parametrize("argv, message", [

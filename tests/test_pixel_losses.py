@@ -161,11 +161,12 @@ def voc(tmp_path_factory) -> Path:
     return write_voc_demo(tmp_path_factory.mktemp("voc"), num_train=8, num_val=4, size=(64, 48))
 
 
-def _task(voc, *sets):
+def _task(voc, *sets, resolved=True):
     argv = ["--experiment", "voc_resnet", "--data_root", str(voc), *TINY]
     for item in sets:
         argv += ["--set", item]
-    return tasks.build(tasks.resolve(resolve_config(argv)[0]))
+    cfg = resolve_config(argv)[0]
+    return tasks.build(tasks.resolve(cfg) if resolved else cfg)
 
 
 def test_task_loss_uses_every_option(voc):
@@ -191,9 +192,9 @@ def test_task_loss_uses_every_option(voc):
 
 
 def test_loss_never_reads_data_for_missing_weights(voc):
-    """Weights to come from the data but not computed (train_data not called): a clear error at
+    """Weights to come from the data but not computed (the config not resolved): a clear error at
     trace time, not a data read inside the traced loss."""
-    task = _task(voc, "loss.class_weights_from_data=true")
+    task = _task(voc, "loss.class_weights_from_data=true", resolved=False)
     batch = {"image": jnp.zeros((1, 8, 8, 3), jnp.uint8), "mask": jnp.zeros((1, 8, 8), jnp.uint8),
              "valid": jnp.ones(1, bool), "image_ok": jnp.ones(1, bool)}
     with pytest.raises(ConfigError, match="loss.class_weights_from_data"):

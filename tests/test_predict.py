@@ -142,7 +142,7 @@ def test_roi_boxes_are_pasted_and_combined_by_the_maximum():
     cfg = load_experiment("roi_human")
     for key in ("train_ann", "val_ann", "train_img_dir", "val_img_dir"):
         cfg = override(cfg, f"data.{key}", "unused")
-    task = tasks.build(tasks.resolve(override(cfg, "data.image_size", "64")))
+    task = tasks.build(override(cfg, "data.image_size", "64"))  # pure: the paths are never read
     image = np.full((100, 100, 3), 100, np.uint8)  # the legend takes the top left
     boxes = np.array([[10, 45, 50, 75], [40, 50, 90.5, 70]], np.float32)  # overlapping at x 40..50
     inputs, context = task.predict_inputs(image, size=(64, 64), boxes=boxes)

@@ -151,7 +151,7 @@ def test_predict_reports_unreadable_images_and_bad_arguments(trained, tmp_path, 
 
 def test_bad_data_dirs_exit_2_with_a_message(data_dir, tmp_path, capsys):
     assert train_cli.main(argv(tmp_path / "missing", tmp_path / "runs")) == 2
-    assert "is not a directory" in capsys.readouterr().err
+    assert "missing does not exist" in capsys.readouterr().err
     assert train_cli.main(argv(data_dir, tmp_path / "runs", "--set", "data.image_size=32")) == 2
     assert "no train memmaps of size 32" in capsys.readouterr().err
     copy = tmp_path / "copy"
