@@ -38,12 +38,19 @@ import jax
 import numpy as np
 import onnx
 from flax import nnx
+from jax._src import core as jax_core
 from jax2onnx import to_onnx
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from PIL import Image
 
 from segjax import config as config_lib
 from segjax.export.runtime import concrete_shape, make_session, random_inputs
+
+# jax 0.12 merged ClosedJaxpr into Jaxpr (which still takes the legacy `(jaxpr, consts)` form, and
+# jax.extend.core exports it under the old name too); jax2onnx 0.17.1's jit plugin asks
+# jax._src.core for ClosedJaxpr and fails on every model without it.
+if not hasattr(jax_core, "ClosedJaxpr"):
+    jax_core.ClosedJaxpr = jax_core.Jaxpr
 
 OPSET = 23
 TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2}  # of max(1, max |jax output|)
