@@ -4,6 +4,10 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
 from helpers import ROI_TINY, ROOT
 
 
@@ -49,10 +53,39 @@ def test_against_torch_times_both_frameworks_and_onnx(tmp_path):
             assert entry[f"{kind}_ratio"] == entry["torch"][kind] / entry["segjax"][kind] > 0
         shape = "×".join(map(str, entry["input"]))
         assert f"| {name} | {shape} | fp32 |" in proc.stdout
+        # One FLOP count (segjax's step) for both frameworks; GFLOP/s beside this machine's peak.
+        assert 0 < entry["flops"]["forward"] < entry["flops"]["train"], name
+        for framework in ("segjax", "torch"):
+            for kind in ("forward", "train"):
+                assert entry[framework][f"{kind}_gflops_per_s"] == pytest.approx(
+                    entry["flops"][kind] / entry[framework][kind] / 1e9), (name, framework, kind)
+        assert f"| {name} | {shape} | fp32 | {entry['flops']['forward'] / 1e9:.2f} |" in proc.stdout
+    assert out["peak"]["source"] and (out["peak"]["gflops"] is None or out["peak"]["gflops"] > 0)
+    assert "| fwd GFLOP | fwd segjax GFLOP/s | fwd torch GFLOP/s | train GFLOP |" in proc.stdout
+    assert f"fp32 peak: {out['peak']['gflops']:.1f} GFLOP/s" in proc.stdout or out["peak"]["gflops"] is None
     resnet, fastscnn = out["runs"]["fp32"]["voc_resnet18"], out["runs"]["fp32"]["fastscnn"]
     assert resnet["onnx"]["ratio"] == resnet["onnx"]["torch"] / resnet["onnx"]["segjax"] > 0
+    assert resnet["onnx"]["gflops_per_s"]["torch"] == pytest.approx(
+        resnet["flops"]["forward"] / resnet["onnx"]["torch"] / 1e9)
     assert list(fastscnn["onnx"]["export_errors"]) == ["torch"]
     assert "ONNX export failed: fastscnn (torch): SymbolicValueError" in proc.stdout
+
+
+def test_step_flops_is_the_analytic_count():
+    """XLA's count of a tiny convolution model and a matrix product: 2·N·H'·W'·K·K·Cin·Cout plus one
+    FLOP per bias add; with zero padding only the taps inside the image count."""
+    sys.path.insert(0, str(ROOT / "tools"))  # as the script runs (load_tool cannot hold its dataclass)
+    from against_torch import step_flops
+    n, h, w, cin, cout = 2, 12, 10, 8, 16
+    x = jnp.ones((n, h, w, cin))
+    # padding: (output pixels, multiply-adds per output channel and input channel)
+    for padding, pixels, taps in (("VALID", (h - 2) * (w - 2), (h - 2) * (w - 2) * 9),
+                                  ("SAME", h * w, (3 * h - 2) * (3 * w - 2))):
+        conv = nnx.Conv(cin, cout, (3, 3), padding=padding, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(conv)
+        forward = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x))
+        assert step_flops(forward, state, x) == 2 * n * taps * cin * cout + n * pixels * cout, padding
+    assert step_flops(jax.jit(jnp.matmul), jnp.ones((64, 128)), jnp.ones((128, 32))) == 2 * 64 * 128 * 32
 
 
 def test_against_torch_unknown_model_is_a_clear_error(tmp_path):
