@@ -109,3 +109,20 @@ def test_gpu_bench_dry_run_writes_json_and_markdown(tmp_path):
         assert out["runs"][precision]["voc_resnet18"]["train_ratio"] > 0
     table = (tmp_path / "out" / "gpu_bench.md").read_text()
     assert "| voc_resnet18 | 1×64×64 | fp32 |" in table and "| voc_resnet18 | 1×64×64 | bf16 |" in table
+
+
+def test_repro_conv_row_has_flops_and_share_of_peak(tmp_path):
+    """tools/repro_conv_backward.py's single 3×3 convolution row: the analytic count, XLA's (padding
+    taps left out) and both frameworks' GFLOP/s with their share of the peak."""
+    proc = _against_torch(["--cases", "conv3x3_c64", "--repeats", "1"], tmp_path,
+                          script=("tools", "repro_conv_backward.py"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| conv3x3_c64 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    n, h, c, o = 4, 56, 64, 64
+    assert float(cells[2]) == round(2 * n * h * h * 9 * c * o / 1e9, 3)
+    assert float(cells[3]) == round(2 * n * (3 * h - 2) ** 2 * c * o / 1e9, 3)
+    assert float(cells[8]) > float(cells[3])  # forward and backward
+    for cell in (cells[6], cells[7], cells[11], cells[12]):
+        assert float(cell.split()[0]) > 0 and cell.endswith("%)"), cell
+    assert "GFLOP/s (% of the fp32 peak: " in proc.stdout
