@@ -21,7 +21,6 @@ Mask2Former and its loss, segjax's sampled points injected into torch.rand). Eac
 `PARITY_DEFAULTS` (tiny inputs, every part trained); --set overrides any config key. The schedule
 spans the run: train.epochs epochs of steps / train.epochs steps.
 """
-from __future__ import annotations
 
 import argparse
 import dataclasses
