@@ -105,18 +105,18 @@ def test_coco_semantic_unet_class_weights_label_smoothing(ref):
 def test_roi_human_head_adamw_cosine_clip_accumulation(ref):
     _check("roi_human", ["optim.lr=1e-5", "optim.min_lr=1e-6", "optim.weight_decay=0.5", "optim.gradient_clip=0.5",
                          "optim.gradient_accumulation=2", "data.class_weights=0.5,1,2"],
-           0.1, {"clipping": ["optim.gradient_clip=0"], "accumulation": ["optim.gradient_accumulation=1"],
+           1e-2, {"clipping": ["optim.gradient_clip=0"], "accumulation": ["optim.gradient_accumulation=1"],
                  "cosine": ["optim.scheduler=none"], "decoupled decay": ["optim.weight_decay=0"],
                  "class weights": ["data.class_weights=1,1,1"]})
 
 
 # (d) Mask2Former (transformers, its loss with segjax's sampled points): AdamW and cosine today;
 # the recipe's poly, backbone ×0.1, no-decay groups and EMA once segjax has them.
-M2F = ["optim.optimizer=adamw", "optim.lr=1e-5", "optim.weight_decay=0.5"]
+M2F = ["optim.optimizer=adamw", "optim.lr=2e-6", "optim.weight_decay=5"]
 
 
 def test_mask2former_adamw_cosine(ref):
-    _check("roadways_mask2former", [*M2F, "optim.scheduler=cosine"], 0.1,
+    _check("roadways_mask2former", [*M2F, "optim.scheduler=cosine"], 0.2,
            {"decoupled decay": ["optim.weight_decay=0"], "cosine": ["optim.scheduler=none"]})
 
 
@@ -124,6 +124,6 @@ def test_mask2former_recipe_param_groups_poly_ema(ref):
     _needs("roadways_mask2former", "optim.param_groups", "optim.ema_decay", "optim.power")
     groups = "backbone/.*=lr_mult:0.1,.*(norm|embed|embedding|bias).*=decay_mult:0"
     _check("roadways_mask2former", [*M2F, "optim.scheduler=poly", f"optim.param_groups={groups}",
-                                    "optim.ema_decay=0.9"], 0.1,
+                                    "optim.ema_decay=0.9"], 0.2,
            {"backbone ×0.1": ["optim.param_groups=.*(norm|embed|embedding|bias).*=decay_mult:0"],
             "no-decay group": ["optim.param_groups=backbone/.*=lr_mult:0.1"]})

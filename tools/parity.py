@@ -27,6 +27,7 @@ import dataclasses
 import json
 import re
 import sys
+import tempfile
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -76,6 +77,7 @@ class Original:
     export: Callable
     path_of: Callable[[str], str | None]
     loss: Callable
+    weights: Callable | None = None  # its weights in `export`'s names (default: its state dict's floats)
 
 
 def _scheme_paths(scheme) -> Callable[[str], str | None]:
@@ -258,7 +260,14 @@ def mask2former_original(ref, task, model) -> Original:
     from flax import nnx
 
     from segjax import losses
-    from segjax.bridge.hf_mask2former import SCHEMES, _split_fused, hf_config, hf_state_dict
+    from segjax.bridge.hf_mask2former import (
+        SCHEMES,
+        _split_fused,
+        hf_config,
+        hf_state_dict,
+        import_hf_state_dict,
+        save_hf_mask2former,
+    )
     from segjax.tasks.query_masks import point_criterion
 
     cfg, torch = task.cfg, ref.torch
@@ -269,13 +278,20 @@ def mask2former_original(ref, task, model) -> Original:
                   mask_weight=loss_cfg.mask_weight, dice_weight=loss_cfg.dice_weight,
                   train_num_points=loss_cfg.num_points, oversample_ratio=loss_cfg.oversample_ratio,
                   importance_sample_ratio=loss_cfg.importance_sample_ratio)
-    net = transformers.Mask2FormerForUniversalSegmentation(transformers.Mask2FormerConfig.from_dict(config))
+    with tempfile.TemporaryDirectory() as tmp:  # transformers renames the on-disk keys as it loads them
+        save_hf_mask2former(model, tmp, config=config)
+        net = transformers.Mask2FormerForUniversalSegmentation.from_pretrained(tmp)
     scheme = SCHEMES["swin" if hasattr(model.backbone, "stages") else "resnet"]
+    template = nnx.clone(model)
 
     def export(m):
         return hf_state_dict(m, loss_cfg.no_object_weight)
 
-    _load(ref, net, export(model), r".*(num_batches_tracked|relative_position_index)")
+    def weights():
+        """transformers' weights in its on-disk names, through segjax's import (either naming)."""
+        import_hf_state_dict(template, {k: v.detach().numpy() for k, v in net.state_dict().items()})
+        return export(template)
+
     criterion = point_criterion(loss_cfg)
     num_classes = len(task.class_names)
 
@@ -330,7 +346,7 @@ def mask2former_original(ref, task, model) -> Original:
     def path_of(key: str) -> str | None:
         return _scheme_paths(scheme)(next(iter(_split_fused({key: np.zeros(3)}))))
 
-    original = Original(net, export, path_of, loss)
+    original = Original(net, export, path_of, loss, weights)
     original.bind = model_def.append
     return original
 
@@ -522,6 +538,8 @@ class TorchRun:
 
     def weights(self) -> dict[str, np.ndarray]:
         """Parameters and floating buffers (BatchNorm running statistics) by name."""
+        if self.original.weights is not None:
+            return {k: np.asarray(v, np.float32) for k, v in self.original.weights().items()}
         return {k: v.detach().numpy().copy() for k, v in self.net.state_dict().items() if v.is_floating_point()}
 
 
