@@ -1,19 +1,24 @@
 """Training parity with PyTorch: the same steps in segjax and in the PyTorch original, side by side.
 
-python tools/parity.py --experiment E [--steps N] [--set KEY=VALUE ...] [--tolerance T] [--json out.json]
+python tools/parity.py --experiment E [--steps N] [--set KEY=VALUE ...] [--tolerance T]
+    [--update_tolerance U] [--control "KEY=VALUE [KEY=VALUE ...]" ...] [--json out.json]
 
 Builds the experiment's model in segjax (its task and `segjax.engine.setup.build_state`, so the real
 optimizer, schedule, clipping, accumulation, parameter groups and EMA of segjax's config) and its PyTorch
 original (torchvision / smp / transformers, or a port of tools/torch_ports.py), copies segjax's
-initial weights into it through the bridge (segjax.bridge, `load_state_dict(strict)`), and trains both
-on the same N seeded random batches (no augmentation, dropout and drop-path off) with segjax's real
-jitted train step on one side and torch.optim / torch.optim.lr_scheduler built from the same config
-on the other. Prints per step both losses and the largest relative difference over every parameter
-and BatchNorm running statistic (and the EMA weights with optim.ema_decay > 0), in PyTorch's names:
-  param rel   max over tensors of max|segjax − torch| / max|torch|
-  update rel  max over tensors of max|segjax − torch| / max|torch − torch at step 0|: how far the
-              training updates themselves agree (strict: a missing weight-decay term shows here first)
-Exit 1 when the last step's param rel exceeds --tolerance (default 1e-4), 2 on bad input.
+initial weights into it through the bridge (segjax.bridge, `load_state_dict`: every tensor filled),
+and trains both on the same N seeded batches (block label maps, images coloured by class; no
+augmentation, dropout and drop-path off) with segjax's real jitted train step on one side and
+torch.optim / torch.optim.lr_scheduler built from the same config on the other. Prints per step both
+losses and the largest relative differences over every parameter and BatchNorm running statistic
+(and the EMA weights with optim.ema_decay > 0), in PyTorch's names (`differences`):
+  param rel   max|segjax − torch| / the tensor's scale (at least 1 for tensors that start at zero)
+  update rel  max|segjax − torch| / the tensor's movement since step 0: how far the training
+              updates themselves agree (a missing weight-decay term shows here, not in param rel)
+  control k   the update rel of a PyTorch twin trained with --control's overrides: what the option
+              changes, to compare with the update rel (an option the comparison resolves lands far above)
+Exit 1 when the last step's param rel exceeds --tolerance (default 1e-4) or an update rel exceeds
+--update_tolerance (when given), 2 on bad input.
 
 Experiments: voc_resnet (EncoderDecoder port on torchvision's ResNet), coco_semantic (smp U-Net),
 roi_human (the ROI head on stride-8 features: RoiMaskHead port), roadways_mask2former (transformers'
@@ -666,7 +671,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest relative parameter difference")
     parser.add_argument("--update_tolerance", type=float, default=0.0,
                         help="largest update rel (0: not checked)")
-    parser.add_argument("--control", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+    parser.add_argument("--control", action="append", default=[], metavar='"KEY=VALUE [KEY=VALUE]"',
                         help="also train a PyTorch twin with these overrides (its update rel shows what the "
                              "option changes); repeatable")
     parser.add_argument("--seed", type=int, default=0, help="of the batches")
