@@ -4,6 +4,10 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
 from helpers import ROI_TINY, ROOT
 
 
@@ -49,10 +53,39 @@ def test_against_torch_times_both_frameworks_and_onnx(tmp_path):
             assert entry[f"{kind}_ratio"] == entry["torch"][kind] / entry["segjax"][kind] > 0
         shape = "×".join(map(str, entry["input"]))
         assert f"| {name} | {shape} | fp32 |" in proc.stdout
+        # One FLOP count (segjax's step) for both frameworks; GFLOP/s beside this machine's peak.
+        assert 0 < entry["flops"]["forward"] < entry["flops"]["train"], name
+        for framework in ("segjax", "torch"):
+            for kind in ("forward", "train"):
+                assert entry[framework][f"{kind}_gflops_per_s"] == pytest.approx(
+                    entry["flops"][kind] / entry[framework][kind] / 1e9), (name, framework, kind)
+        assert f"| {name} | {shape} | fp32 | {entry['flops']['forward'] / 1e9:.2f} |" in proc.stdout
+    assert out["peak"]["source"] and (out["peak"]["gflops"] is None or out["peak"]["gflops"] > 0)
+    assert "| fwd GFLOP | fwd segjax GFLOP/s | fwd torch GFLOP/s | train GFLOP |" in proc.stdout
+    assert f"fp32 peak: {out['peak']['gflops']:.1f} GFLOP/s" in proc.stdout or out["peak"]["gflops"] is None
     resnet, fastscnn = out["runs"]["fp32"]["voc_resnet18"], out["runs"]["fp32"]["fastscnn"]
     assert resnet["onnx"]["ratio"] == resnet["onnx"]["torch"] / resnet["onnx"]["segjax"] > 0
+    assert resnet["onnx"]["gflops_per_s"]["torch"] == pytest.approx(
+        resnet["flops"]["forward"] / resnet["onnx"]["torch"] / 1e9)
     assert list(fastscnn["onnx"]["export_errors"]) == ["torch"]
     assert "ONNX export failed: fastscnn (torch): SymbolicValueError" in proc.stdout
+
+
+def test_step_flops_is_the_analytic_count():
+    """XLA's count of a tiny convolution model and a matrix product: 2·N·H'·W'·K·K·Cin·Cout plus one
+    FLOP per bias add; with zero padding only the taps inside the image count."""
+    sys.path.insert(0, str(ROOT / "tools"))  # as the script runs (load_tool cannot hold its dataclass)
+    from against_torch import step_flops
+    n, h, w, cin, cout = 2, 12, 10, 8, 16
+    x = jnp.ones((n, h, w, cin))
+    # padding: (output pixels, multiply-adds per output channel and input channel)
+    for padding, pixels, taps in (("VALID", (h - 2) * (w - 2), (h - 2) * (w - 2) * 9),
+                                  ("SAME", h * w, (3 * h - 2) * (3 * w - 2))):
+        conv = nnx.Conv(cin, cout, (3, 3), padding=padding, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(conv)
+        forward = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x))
+        assert step_flops(forward, state, x) == 2 * n * taps * cin * cout + n * pixels * cout, padding
+    assert step_flops(jax.jit(jnp.matmul), jnp.ones((64, 128)), jnp.ones((128, 32))) == 2 * 64 * 128 * 32
 
 
 def test_against_torch_unknown_model_is_a_clear_error(tmp_path):
@@ -76,3 +109,20 @@ def test_gpu_bench_dry_run_writes_json_and_markdown(tmp_path):
         assert out["runs"][precision]["voc_resnet18"]["train_ratio"] > 0
     table = (tmp_path / "out" / "gpu_bench.md").read_text()
     assert "| voc_resnet18 | 1×64×64 | fp32 |" in table and "| voc_resnet18 | 1×64×64 | bf16 |" in table
+
+
+def test_repro_conv_row_has_flops_and_share_of_peak(tmp_path):
+    """tools/repro_conv_backward.py's single 3×3 convolution row: the analytic count, XLA's (padding
+    taps left out) and both frameworks' GFLOP/s with their share of the peak."""
+    proc = _against_torch(["--cases", "conv3x3_c64", "--repeats", "1"], tmp_path,
+                          script=("tools", "repro_conv_backward.py"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| conv3x3_c64 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    n, h, c, o = 4, 56, 64, 64
+    assert float(cells[2]) == round(2 * n * h * h * 9 * c * o / 1e9, 3)
+    assert float(cells[3]) == round(2 * n * (3 * h - 2) ** 2 * c * o / 1e9, 3)
+    assert float(cells[8]) > float(cells[3])  # forward and backward
+    for cell in (cells[6], cells[7], cells[11], cells[12]):
+        assert float(cell.split()[0]) > 0 and cell.endswith("%)"), cell
+    assert "GFLOP/s (% of the fp32 peak: " in proc.stdout

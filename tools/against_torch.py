@@ -11,8 +11,11 @@ each framework in its own fresh process, `rounds` times alternately; a time is t
 all timed calls after warm-up (the least disturbed by other load). ratio = PyTorch time / segjax
 time: above 1 segjax is faster. With --onnx each framework's exported graph (segjax's jax2onnx
 export, torch.onnx's TorchScript export) is timed in onnxruntime (CPU), again one process each.
-`--size tiny` keeps the architectures and shrinks the inputs (tests). Prints a Markdown table;
---json writes every number (after each model), --markdown the table.
+`--size tiny` keeps the architectures and shrinks the inputs (tests). Each step's FLOPs come from
+XLA's cost analysis of segjax's step (`step_flops`), one count for both frameworks and ONNX (the
+same model), and give each framework's GFLOP/s beside the CPU's fp32 peak (tools/machine_peak.py).
+Prints two Markdown tables (times and ratios; GFLOP and GFLOP/s); --json writes every number
+(after each model), --markdown the tables.
 
 Adding a model is one `Bench` entry in MODELS: its input shapes, a segjax builder and a torch one.
 """
@@ -192,11 +195,23 @@ def run_segjax(bench: Bench, data: dict, args) -> dict:
 
     out = {"parameters": int(num_params),
            "forward": _timed(lambda: eval_step(state["model"], batch), args.repeats, jax.block_until_ready),
-           "train": _timed(train, args.repeats, jax.block_until_ready)}
+           "train": _timed(train, args.repeats, jax.block_until_ready),
+           "flops": {"forward": step_flops(eval_step, state["model"], batch),
+                     "train": step_flops(train_step, state["model"], state["opt"], batch)}}
     if args.onnx_dir:
         out["onnx_export_s"] = _export_segjax(nnx.merge(eval_def, state["model"]), bench, data,
                                               Path(args.onnx_dir) / "segjax.onnx")
     return out
+
+
+def step_flops(jitted, *args) -> float:
+    """FLOPs of one call of a `jax.jit` function: XLA's cost analysis of the lowered HLO, before
+    any backend pass, so the count is the model's own arithmetic and needs no second compile. A
+    convolution counts 2 FLOPs per multiply-add of taps inside the image (zero padding left out,
+    so below 2·N·H·W·K·K·Cin·Cout at the borders), a matrix product 2·M·K·N, an elementwise op 1
+    per element. On jax 0.12.1 the compiled program's count is never lower (YNNPACK fusions are
+    counted) and at most ~1 % higher (elementwise work XLA duplicates into fusions)."""
+    return float(jitted.lower(*args).cost_analysis()["flops"])
 
 
 def _export_segjax(model, bench: Bench, data: dict, path: Path) -> float:
@@ -344,8 +359,10 @@ def compare(args) -> dict:
         raise ValueError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     start = time.perf_counter()
+    from machine_peak import machine_peak  # tools/ is on sys.path: this file runs as a script
+    peak = machine_peak() if args.batch == "cpu" else {"gflops": None, "source": "GPU batch: no CPU peak"}
     out = {"device": None, "cpus": os.cpu_count(), "size": args.size, "batch": args.batch,
-           "repeats": args.repeats, "rounds": args.rounds,
+           "repeats": args.repeats, "rounds": args.rounds, "peak": peak,
            "ratio": "PyTorch time / segjax time (above 1: segjax faster)", "runs": {}, "skipped": []}
     for precision in precisions:
         results = out["runs"].setdefault(precision, {})
@@ -376,8 +393,11 @@ def _compare_model(args, name: str, precision: str) -> dict:
             entry[framework] = {"parameters": framework_runs[0]["parameters"],
                                 **{k: _best(framework_runs, k) for k in ("forward", "train")},
                                 "first_train_s": framework_runs[0]["train"]["first_s"]}
+        entry["flops"] = runs["segjax"][0]["flops"]  # the same model: one count for both frameworks
         for kind in ("forward", "train"):
             entry[f"{kind}_ratio"] = entry["torch"][kind] / entry["segjax"][kind]
+            for framework in runs:
+                entry[framework][f"{kind}_gflops_per_s"] = entry["flops"][kind] / entry[framework][kind] / 1e9
         if args.onnx:
             errors = {f: runs[f][0]["onnx_error"] for f in runs if "onnx_error" in runs[f][0]}
             onnx_runs = {"segjax": [], "torch": []}
@@ -389,6 +409,8 @@ def _compare_model(args, name: str, precision: str) -> dict:
                 **{f: _best(v, "forward") for f, v in onnx_runs.items()}}
             if not errors:
                 entry["onnx"]["ratio"] = entry["onnx"]["torch"] / entry["onnx"]["segjax"]
+                entry["onnx"]["gflops_per_s"] = {f: entry["flops"]["forward"] / entry["onnx"][f] / 1e9
+                                                 for f in onnx_runs}
     return entry
 
 
@@ -404,14 +426,41 @@ def _row(name: str, precision: str, e: dict, onnx: bool) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _flops_row(name: str, precision: str, e: dict, onnx: bool, peak: float | None) -> str:
+    def rate(gflops_per_s):
+        return f"{gflops_per_s:.1f}" + (f" ({gflops_per_s / peak:.1%})" if peak else "")
+
+    cells = [name, "×".join(map(str, e["input"])), precision]
+    for kind in ("forward", "train"):
+        cells += [f"{e['flops'][kind] / 1e9:.2f}", rate(e["segjax"][f"{kind}_gflops_per_s"]),
+                  rate(e["torch"][f"{kind}_gflops_per_s"])]
+    if onnx:
+        cells += [rate(e["onnx"]["gflops_per_s"][f]) if "gflops_per_s" in e["onnx"] else "-"
+                  for f in ("segjax", "torch")]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(head: list[str], rows: list[str]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3), *rows]
+
+
 def table(out: dict, onnx: bool) -> str:
+    """The times and ratios, then each step's GFLOP (XLA's count, see step_flops) and the GFLOP/s
+    each framework achieved, as % of the machine's fp32 peak (machine_peak.py) on the CPU."""
     head = ["model", "input", "precision", "fwd segjax ms", "fwd torch ms", "fwd ratio",
             "train segjax ms", "train torch ms", "train ratio"]
     if onnx:
         head += ["onnx segjax ms", "onnx torch ms", "onnx ratio"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
-    lines += [_row(name, precision, e, onnx) for precision, results in out["runs"].items()
-              for name, e in results.items()]
+    rows = [(name, precision, e) for precision, results in out["runs"].items() for name, e in results.items()]
+    lines = _table(head, [_row(*row, onnx) for row in rows])
+    peak = out["peak"]["gflops"]
+    head = ["model", "input", "precision", "fwd GFLOP", "fwd segjax GFLOP/s", "fwd torch GFLOP/s",
+            "train GFLOP", "train segjax GFLOP/s", "train torch GFLOP/s"]
+    if onnx:
+        head += ["onnx segjax GFLOP/s", "onnx torch GFLOP/s"]
+    lines += ["", "fp32 peak: " + (f"{peak:.1f} GFLOP/s = " if peak else "") + out["peak"]["source"]
+              + ("; (%) = share of it" if peak else ""), ""]
+    lines += _table(head, [_flops_row(*row, onnx, peak) for row in rows])
     failed = [f"{name} ({framework}): {error}" for results in out["runs"].values() for name, e in results.items()
               for framework, error in e.get("onnx", {}).get("export_errors", {}).items()]
     if failed:

@@ -3,7 +3,8 @@
 python tools/benchmark.py --experiment roi_human [--set k=v ...] [--repeats N] [--batch_size B]
     [--precision fp32|bf16|both] [--full_size]
 python tools/benchmark.py --against torch [--models a,b] ...   (segjax against PyTorch, every
-    model side by side; see tools/against_torch.py)
+    model side by side, with each step's GFLOP and both frameworks' GFLOP/s beside the CPU's
+    fp32 peak; see tools/against_torch.py and tools/machine_peak.py)
 python tools/benchmark.py --against transformers [--size 384 --batch 2 --repeats 5]   (Mask2Former
     Swin-T forward and frozen fine-tuning step against transformers'; tools/mask2former_speed.py)
 

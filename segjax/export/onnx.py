@@ -37,20 +37,25 @@ from pathlib import Path
 import jax
 import numpy as np
 import onnx
+import onnx_ir as ir
 from flax import nnx
 from jax._src import core as jax_core
-
-# jax 0.12 merged ClosedJaxpr into Jaxpr (`Jaxpr(jaxpr, consts)` still builds one), but jax2onnx
-# 0.17.1, its newest release, names the old class when it inlines a nested jit. Alias it back.
-if not hasattr(jax_core, "ClosedJaxpr"):
-    jax_core.ClosedJaxpr = jax_core.Jaxpr
-
-from jax2onnx import to_onnx  # noqa: E402  (after the alias above)
+from jax2onnx import to_onnx
+from jax2onnx.plugins._ir_shapes import _ensure_value_metadata, _stamp_type_and_shape, _to_ir_dim_for_shape
+from jax2onnx.plugins._patching import MonkeyPatchSpec
+from jax2onnx.plugins.plugin_system import PrimitiveLeafPlugin, register_primitive
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from PIL import Image
 
 from segjax import config as config_lib
 from segjax.export.runtime import concrete_shape, make_session, random_inputs
+from segjax.ops import resize as resize_lib
+
+# jax 0.12 merged ClosedJaxpr into Jaxpr (which still takes the legacy `(jaxpr, consts)` form, and
+# jax.extend.core exports it under the old name too); jax2onnx 0.17.1's jit plugin asks
+# jax._src.core for ClosedJaxpr and fails on every model without it.
+if not hasattr(jax_core, "ClosedJaxpr"):
+    jax_core.ClosedJaxpr = jax_core.Jaxpr
 
 OPSET = 23
 TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2}  # of max(1, max |jax output|)
@@ -205,6 +210,62 @@ def convert(forward, specs: Sequence[tuple[str, tuple]], output_names: Sequence[
     # dimensions" at a ResNet's residual Add). The hints are optional: drop them.
     del proto.graph.value_info[:]
     return proto
+
+
+# --- bilinear resizing as one ONNX Resize ------------------------------------------------------
+# segjax resizes with an einsum of interpolation matrices (segjax.ops.resize), which jax2onnx
+# writes as a three-operand Einsum; onnxruntime's Resize computes the same interpolation several
+# times faster. While jax2onnx traces, `resize._bilinear` binds this primitive instead, and the
+# plugin lowers it to Resize(linear, half_pixel) of the NCHW tensor. half_pixel with clamped edges
+# is PyTorch's align_corners=False rule, which the matrices encode; the export check compares them.
+_bilinear_einsum = resize_lib._bilinear
+resize_bilinear_p = jax.extend.core.Primitive("segjax_resize_bilinear")
+resize_bilinear_p.def_impl(lambda x, *, size: _bilinear_einsum(x, size))
+resize_bilinear_p.def_abstract_eval(
+    lambda x, *, size: jax.core.ShapedArray((x.shape[0], *size, x.shape[3]), x.dtype))
+
+
+@register_primitive(jaxpr_primitive=resize_bilinear_p.name, context="primitives.segjax", component="resize_bilinear")
+class ResizeBilinearPlugin(PrimitiveLeafPlugin):
+    """[N, H, W, C] -> [N, *size, C] as Transpose, one ONNX Resize, Transpose."""
+
+    _PRIM = resize_bilinear_p
+
+    def lower(self, ctx, eqn) -> None:
+        (x_var,), (out_var,) = eqn.invars, eqn.outvars
+        x = ctx.get_value_for_var(x_var, name_hint=ctx.fresh_name("resize_input"))
+        dtype = x.type.dtype
+        x = self._transpose(ctx, x, [0, 3, 1, 2], dtype)  # cancels against the models' NCHW transposes
+        # sizes [N, C, *size], N and C read at run time so that the batch stays dynamic. (Resize's
+        # `axes` would avoid that, but onnxruntime's transpose optimiser then breaks the model.)
+        n, c = (ctx.builder.Shape(x, _outputs=[ctx.fresh_name("resize_dim")], start=i, end=i + 1) for i in (0, 1))
+        hw = ctx.builder.add_initializer_from_array(name=ctx.fresh_name("resize_hw"),
+                                                    array=np.asarray(eqn.params["size"], np.int64))
+        sizes = ctx.builder.Concat(n, c, hw, _outputs=[ctx.fresh_name("resize_sizes")], axis=0)
+        out = ctx.builder.Resize(x, None, None, sizes, _outputs=[ctx.fresh_name("resize_out")],
+                                 mode="linear", coordinate_transformation_mode="half_pixel")
+        n, h, w, c = out_var.aval.shape
+        self._stamp(ctx, out, (n, c, h, w), dtype)  # the model's output once the transposes cancel
+        out = self._transpose(ctx, out, [0, 2, 3, 1], dtype)
+        self._stamp(ctx, out, (n, h, w, c), dtype)
+        ctx.bind_value_for_var(out_var, out)
+
+    @staticmethod
+    def _transpose(ctx, x, perm, dtype):
+        out = ctx.builder.Transpose(x, _outputs=[ctx.fresh_name("resize_transpose")], perm=perm)
+        out.type = ir.TensorType(dtype)
+        return out
+
+    @staticmethod
+    def _stamp(ctx, value, shape, dtype):
+        value.type = ir.TensorType(dtype)
+        _stamp_type_and_shape(value, tuple(_to_ir_dim_for_shape(d) for d in shape))
+        _ensure_value_metadata(ctx, value)
+
+    @classmethod
+    def binding_specs(cls) -> list[MonkeyPatchSpec]:
+        return [MonkeyPatchSpec(target="segjax.ops.resize", attr="_bilinear",
+                                make_value=lambda _: lambda x, size: resize_bilinear_p.bind(x, size=tuple(size)))]
 
 
 def _check_inputs(task, specs, fp16: bool, num_images: int, seed: int):

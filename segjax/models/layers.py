@@ -5,11 +5,13 @@ parameters and norm statistics), so mixed precision is `dtype=jnp.bfloat16,
 param_dtype=jnp.float32` everywhere.
 """
 import functools
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn import normalization as _norm
 from jax import lax
 
 from segjax.ops.depthwise import depthwise_conv2d
@@ -72,11 +74,37 @@ def max_pool2d(x: jax.Array, kernel_size: int, strides: int, padding: int = 0) -
                         padding="VALID")
 
 
+class BatchNorm(nnx.BatchNorm):
+    """nnx.BatchNorm whose running variance takes the unbiased batch variance (× n / (n − 1), n the
+    values per channel), as PyTorch's BatchNorm does; the batch itself is normalised with the
+    biased one in both. flax's own update takes the biased variance, so running variances drifted
+    from PyTorch's (by 1/7 of each update at n = 8) and evaluation saw other statistics."""
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+                 mask: jax.Array | None = None) -> jax.Array:
+        if mask is not None:
+            raise NotImplementedError("segjax's BatchNorm takes no mask")
+        old_var = self.var[...]
+        y = super().__call__(x, use_running_average)
+        if self.use_running_average if use_running_average is None else use_running_average:
+            return y
+        # The batch variance again, as flax computed it (XLA computes it once).
+        axes = tuple(i for i in range(x.ndim) if i not in _norm._canonicalize_axes(x.ndim, self.axis))
+        _, var = _norm._compute_stats(x.astype(self.dtype or x.dtype), axes, dtype=self.dtype,
+                                      axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+                                      use_fast_variance=self.use_fast_variance)
+        n = math.prod(x.shape[i] for i in axes)
+        unbiased = var.astype(old_var.dtype) * (n / max(n - 1, 1))
+        self.var[...] = lax.stop_gradient(self.momentum * old_var + (1 - self.momentum) * unbiased)
+        return y
+
+
 def batch_norm(
     num_features: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs,
 ) -> nnx.BatchNorm:
-    """PyTorch's `BatchNorm2d(num_features)` on NHWC: eps 1e-5, momentum 0.1, training mode."""
-    return nnx.BatchNorm(
+    """PyTorch's `BatchNorm2d(num_features)` on NHWC: eps 1e-5, momentum 0.1, training mode, the
+    running variance unbiased."""
+    return BatchNorm(
         num_features, momentum=BATCH_NORM_MOMENTUM, epsilon=NORM_EPSILON, use_fast_variance=False,
         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 

@@ -6,6 +6,8 @@ channel with small constant matrices built in numpy from the static shapes. Writ
 einsum this is exact, differentiable, and exports through jax2onnx with a dynamic batch, which
 `jax.image.resize` does not (see STACK_NOTES). Nearest resizing is a gather with constant
 indices instead: a one-hot contraction would cost more than the convolutions around it.
+ONNX export (segjax.export.onnx) swaps `_bilinear` for one ONNX `Resize`, which onnxruntime runs
+several times faster than the three-operand Einsum; JAX programs always use the einsum.
 """
 import functools
 
@@ -77,10 +79,15 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     ``jax.image.resize(method="bilinear", antialias=False)``, shrinking included.
     """
     out_h, out_w = _size(size, "size")
-    _, h, w, _ = x.shape
-    if (h, w) == (out_h, out_w):
+    if x.shape[1:3] == (out_h, out_w):
         return x
-    return _separable(x, _bilinear_matrix(h, out_h), _bilinear_matrix(w, out_w))
+    return _bilinear(x, (out_h, out_w))
+
+
+def _bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """resize_bilinear's computation; ONNX export replaces this module attribute while it traces."""
+    _, h, w, _ = x.shape
+    return _separable(x, _bilinear_matrix(h, size[0]), _bilinear_matrix(w, size[1]))
 
 
 def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
