@@ -377,39 +377,20 @@ ORIGINALS = {
 
 # --- segjax's optimizer config as torch.optim ----------------------------------------------------------
 
-def parse_param_groups(rules: tuple[str, ...]) -> list[tuple[str, float, float]]:
-    """optim.param_groups "REGEX=lr_mult:X;decay_mult:Y" as (regex, lr_mult, decay_mult); a name
-    without "=" is one of segjax's presets (segjax.engine.steps.PARAM_GROUP_PRESETS)."""
-    out = []
-    for rule in rules:
-        if "=" not in rule:
-            from segjax.engine import steps as steps_lib
-
-            presets = getattr(steps_lib, "PARAM_GROUP_PRESETS", {})
-            if rule not in presets:
-                raise ValueError(f"optim.param_groups: unknown preset {rule!r}; known: {sorted(presets)}")
-            out += parse_param_groups(tuple(presets[rule]))
-            continue
-        pattern, _, settings = rule.rpartition("=")
-        values = {"lr_mult": 1.0, "decay_mult": 1.0}
-        for item in filter(None, settings.split(";")):
-            name, _, value = item.partition(":")
-            values[name.strip()] = float(value)
-        out.append((pattern, values["lr_mult"], values["decay_mult"]))
-    return out
-
-
 def torch_param_groups(optim, named: list[tuple[str, object]], path_of: Callable) -> list[dict]:
-    """Each parameter in the group of the first rule whose regex matches its segjax path (full match, as
-    segjax's rules over paths), with lr and weight decay multiplied; unmatched parameters: the base."""
-    rules = parse_param_groups(tuple(getattr(optim, "param_groups", ())))
+    """Each parameter in the torch.optim group of the first optim.param_groups item whose regex is found in
+    its segjax path (segjax's own parsing, presets expanded), lr and weight decay multiplied; unmatched
+    parameters: the base rates."""
+    from segjax.engine import optim as optim_lib
+
+    rules = optim_lib.parse_groups(optim.param_groups)
     groups: dict[int, dict] = {}
     for name, param in named:
         path = path_of(name)
-        index = next((i for i, (pattern, _, _) in enumerate(rules) if path and re.fullmatch(pattern, path)), -1)
-        lr_mult, decay_mult = rules[index][1:] if index >= 0 else (1.0, 1.0)
-        group = groups.setdefault(index, {"params": [], "names": [], "lr": optim.lr * lr_mult,
-                                          "weight_decay": optim.weight_decay * decay_mult})
+        rule = optim_lib.group_of(path, rules) if path else None
+        lr_mult, decay_mult = (rule.lr_mult, rule.decay_mult) if rule else (1.0, 1.0)
+        group = groups.setdefault(rules.index(rule) if rule else -1, {
+            "params": [], "names": [], "lr": optim.lr * lr_mult, "weight_decay": optim.weight_decay * decay_mult})
         group["params"].append(param)
         group["names"].append(name)
     return list(groups.values())
@@ -454,20 +435,6 @@ def torch_scheduler(torch, optimizer, optim, updates_per_epoch: int, total: int)
 
 
 # --- comparison --------------------------------------------------------------------------------------
-
-def segjax_ema(opt_state) -> dict[str, np.ndarray] | None:
-    """segjax's EMA weights by segjax path ("encoder/conv1/kernel"), from the optimizer state: the
-    subtree under a key named like "ema"; None when there is none."""
-    import jax
-
-    found = {}
-    for path, leaf in jax.tree.leaves_with_path(opt_state):
-        keys = [str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path]
-        hits = [i for i, k in enumerate(keys) if "ema" in k.lower()]
-        if hits:
-            found["/".join(keys[hits[0] + 1:])] = np.asarray(leaf)
-    return found or None
-
 
 def differences(ours: dict, theirs: dict, start: dict) -> tuple[float, str, float, str]:
     """(param rel, its tensor, update rel, its tensor) over `theirs`' tensors, PyTorch's at the step
@@ -560,10 +527,11 @@ def run(experiment: str, steps: int = 20, overrides: list[str] = (), tolerance: 
 
     from segjax import tasks
     from segjax.engine import mesh as mesh_lib
+    from segjax.engine import optim as optim_lib
     from segjax.engine import setup
     from segjax.engine import steps as steps_lib
 
-    cfg = build_config(experiment, overrides)
+    cfg = tasks.resolve(build_config(experiment, overrides))
     if cfg.task not in ORIGINALS:
         raise ValueError(f"parity has no PyTorch original for task {cfg.task!r} (experiment {experiment})")
     if cfg.train.precision != "fp32":
@@ -596,7 +564,7 @@ def run(experiment: str, steps: int = 20, overrides: list[str] = (), tolerance: 
     bind = state.model_def if probed else None
     runs = [TorchRun(ref, task, segjax_model(), trained, steps_per_epoch, bind)]
     for control in controls:
-        control_task = tasks.build(build_config(experiment, [*overrides, *control]))
+        control_task = tasks.build(tasks.resolve(build_config(experiment, [*overrides, *control])))
         runs.append(TorchRun(ref, control_task, segjax_model(), trained, steps_per_epoch, bind))
     main = runs[0]
     log(f"parity {cfg.experiment} ({cfg.task}, {getattr(cfg.model, 'name', getattr(cfg.model, 'size', ''))}): "
@@ -629,13 +597,10 @@ def run(experiment: str, steps: int = 20, overrides: list[str] = (), tolerance: 
                 row.update(param_rel=rel[0], worst=rel[1], update_rel=rel[2], worst_update=rel[3])
             else:
                 row.setdefault("control_update_rel", []).append(rel[2])
-        if main.ema is not None:
-            ours_ema = segjax_ema(opt_state)
-            if ours_ema is None:
-                raise RuntimeError("optim.ema_decay > 0 but segjax's optimizer state holds no EMA weights "
-                                   "(looked for a key named like 'ema')")
+        if main.ema is not None:  # segjax's averaged weights (optim.ema_weights), in PyTorch's names
+            averaged = main.original.export(nnx.merge(state.model_def, optim_lib.ema_weights(model_state, opt_state)))
             theirs_ema = {name: v.numpy() for name, v in main.ema.items()}
-            row["ema_rel"] = differences({k: ours_ema[main.original.path_of(k)] for k in theirs_ema}, theirs_ema,
+            row["ema_rel"] = differences({k: np.asarray(averaged[k]) for k in theirs_ema}, theirs_ema,
                                          {k: main.start[k] for k in theirs_ema})[0]
         rows.append(row)
         log(f"{i + 1:>4} {row['loss_segjax']:>12.6f} {row['loss_torch']:>12.6f} {row['param_rel']:>10.2e} "
