@@ -508,6 +508,17 @@ class TorchRun:
                         self.ema[name].lerp_(p.detach(), 1 - self.ema_decay)
         return loss.item()
 
+    def ema_weights(self) -> dict[str, np.ndarray]:
+        """`weights()` with the averaged parameters in place of the trained ones."""
+        with self.torch.no_grad():
+            trained = {name: p.detach().clone() for name, p in self.named}
+            for name, p in self.named:
+                p.copy_(self.ema[name])
+            out = self.weights()
+            for name, p in self.named:
+                p.copy_(trained[name])
+        return out
+
     def weights(self) -> dict[str, np.ndarray]:
         """Parameters and floating buffers (BatchNorm running statistics) by name."""
         if self.original.weights is not None:
@@ -597,11 +608,10 @@ def run(experiment: str, steps: int = 20, overrides: list[str] = (), tolerance: 
                 row.update(param_rel=rel[0], worst=rel[1], update_rel=rel[2], worst_update=rel[3])
             else:
                 row.setdefault("control_update_rel", []).append(rel[2])
-        if main.ema is not None:  # segjax's averaged weights (optim.ema_weights), in PyTorch's names
+        if main.ema is not None:  # both sides' averaged weights, in the names the parameters are compared in
             averaged = main.original.export(nnx.merge(state.model_def, optim_lib.ema_weights(model_state, opt_state)))
-            theirs_ema = {name: v.numpy() for name, v in main.ema.items()}
-            row["ema_rel"] = differences({k: np.asarray(averaged[k]) for k in theirs_ema}, theirs_ema,
-                                         {k: main.start[k] for k in theirs_ema})[0]
+            row["ema_rel"] = differences({k: np.asarray(v) for k, v in averaged.items()}, main.ema_weights(),
+                                         main.start)[0]
         rows.append(row)
         log(f"{i + 1:>4} {row['loss_segjax']:>12.6f} {row['loss_torch']:>12.6f} {row['param_rel']:>10.2e} "
             f"{row['update_rel']:>10.2e}" + "".join(f" {v:>10.2e}" for v in row.get("control_update_rel", []))
