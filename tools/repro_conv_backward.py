@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from against_torch import step_flops  # tools/ is on sys.path: this file runs as a script
 from jax import lax
-from machine_peak import machine_peak
 
 from segjax.ops.depthwise import depthwise_conv2d
 
@@ -88,6 +87,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cases", default=",".join(CASES))
     args = parser.parse_args()
+    from machine_peak import machine_peak  # tools/ is on sys.path: this file runs as a script
+
     peak = machine_peak()
     print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); seconds, min of {args.repeats}; GFLOP/s (% of the fp32 "
