@@ -5,13 +5,11 @@ parameters and norm statistics), so mixed precision is `dtype=jnp.bfloat16,
 param_dtype=jnp.float32` everywhere.
 """
 import functools
-import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.nn import normalization as _norm
 from jax import lax
 
 from segjax.ops.depthwise import depthwise_conv2d
@@ -88,14 +86,11 @@ class BatchNorm(nnx.BatchNorm):
         y = super().__call__(x, use_running_average)
         if self.use_running_average if use_running_average is None else use_running_average:
             return y
-        # The batch variance again, as flax computed it (XLA computes it once).
-        axes = tuple(i for i in range(x.ndim) if i not in _norm._canonicalize_axes(x.ndim, self.axis))
-        _, var = _norm._compute_stats(x.astype(self.dtype or x.dtype), axes, dtype=self.dtype,
-                                      axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-                                      use_fast_variance=self.use_fast_variance)
-        n = math.prod(x.shape[i] for i in axes)
-        unbiased = var.astype(old_var.dtype) * (n / max(n - 1, 1))
-        self.var[...] = lax.stop_gradient(self.momentum * old_var + (1 - self.momentum) * unbiased)
+        # flax stored m·old + (1 − m)·biased; PyTorch's m·old + (1 − m)·biased·n/(n − 1) is that plus
+        # (1 − m)·biased/(n − 1), read back from the stored value without computing the statistics again.
+        n = x.size // x.shape[self.axis]
+        new_var = self.var[...]
+        self.var[...] = lax.stop_gradient(new_var + (new_var - self.momentum * old_var) / max(n - 1, 1))
         return y
 
 
